@@ -1,0 +1,175 @@
+"""analyze.py: Pearson r, overfitting, the paper's 63 runs, run directories, figures, bad inputs."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import analyze
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Drawing is the slow part; only test_figures_and_outputs needs the PNGs."""
+    monkeypatch.setattr(analyze, "figures", lambda *args: [])
+
+
+def test_pearson_matches_numpy_and_gives_null_when_undefined():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    r, n = analyze.pearson(list(x), list(y))
+    assert n == 7 and r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    # a missing value drops its pair, not the whole column
+    r, n = analyze.pearson([1.0, None, 2.0, 3.5, 4.0], [2.0, 9.0, 1.0, 0.5, 0.7])
+    assert n == 4 and r == pytest.approx(np.corrcoef([1, 2, 3.5, 4], [2, 1, 0.5, 0.7])[0, 1])
+    assert analyze.pearson([1.0, 2.0], [3.0, 4.0]) == (None, 2)  # too few runs
+    assert analyze.pearson([0.1, 0.1, 0.1, 0.1], [80.0, 81.0, 82.0, 83.0]) == (None, 4)  # no variance
+    assert analyze.pearson([None, None, 1.0], [1.0, 2.0, 3.0]) == (None, 1)
+
+
+def test_find_overfitting_on_a_hand_made_grid():
+    grid = {("B", "10%"): [0.50, 0.52, 0.51],   # 250K and 500K above 125K: both overfit
+            ("B", "50%"): [0.50, 0.48, 0.49],   # only 500K is above a shorter run (250K)
+            ("B", "100%"): [0.50, 0.48, 0.46],  # keeps improving
+            ("L", "10%"): [0.46, None, 0.47]}   # 250K has no val loss: unknown, not overfitting
+    rows = [dict(model=m, data=d, iters=i, val_loss=v) for (m, d), vs in grid.items()
+            for i, v in zip((125000, 250000, 500000), vs)]
+    rows.append(dict(model="L", data="50%", iters=500000, val_loss=0.60, partial=True))  # in progress
+    found = analyze.find_overfitting(rows)
+    assert found == {("", "B", "10%"): [250000, 500000], ("", "B", "50%"): [500000], ("", "L", "10%"): [500000]}
+    flags = {(r["model"], r["data"], r["iters"]): r["overfit"] for r in rows}
+    assert flags["B", "100%", 500000] is False and flags["B", "50%", 250000] is False
+    assert flags["L", "10%", 250000] is None and flags["L", "50%", 500000] is None
+
+
+def test_paper_runs(tmp_path, capsys, no_figures):
+    rows = analyze.load_csv(analyze.PAPER_CSV, source="paper")
+    assert len(rows) == 63
+    first = rows[0]
+    assert (first["model"], first["data"], first["iters"], first["val_loss"], first["in1k_top1"]) == \
+        ("S", "IN-1K 10%", 125000, 0.4820, 82.69)
+    assert {r["images"] for r in rows} == {128117, 256233, 640583, 1281167, 14197122}
+    analyze.main(["--paper", "--out", str(tmp_path)])
+    corr = json.loads((tmp_path / "correlations.json").read_text())
+    assert corr["all"]["val_loss"]["in1k_top1"]["n"] == 63
+    assert round(corr["all"]["val_loss"]["in1k_top1"]["r"], 2) == -0.79  # paper.md section 5d
+    assert corr["all"]["train_loss"]["in1k_top1"] == {"r": None, "n": 0}  # not released
+    n_over = corr["overfit"]["val_loss"]["in1k_top1"]["n"]
+    assert n_over == 14 and n_over + corr["non_overfit"]["val_loss"]["in1k_top1"]["n"] == 63
+    with open(tmp_path / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 63
+    out = capsys.readouterr().out
+    assert "| H | IN-1K 20% | 125K 0.4789, 250K 0.5038, 500K 0.5071 | 250K, 500K |" in out  # paper.md 5c
+    assert "| L | 83.69 (125K) | 84.71 (250K) | 85.80 (500K) | 85.91 (500K) | 85.81 (500K) |" in out  # 5b
+
+
+def write_run(d, args=None, log=(), summary=None, bad_line=False):
+    """A run directory as mim.py / finetune.py write it."""
+    d.mkdir(parents=True)
+    if args is not None:
+        (d / "args.json").write_text(json.dumps(args))
+    lines = [json.dumps(l) for l in log] + (['{"step": 30, "train_lo'] if bad_line else [])
+    (d / "log.jsonl").write_text("\n".join(lines) + "\n")
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+
+
+def fake_runs(root, run_dir, **pretrained):
+    """Three pre-training runs (B on imagenet 10 %, its twin on synthetic data, one in progress)
+    and a fine-tuning run of the first."""
+    args = {"model": "B", "data": "data/imagenet", "frac": 0.1, "iters": 100}
+    log = [{"step": 10, "lr": 1e-4, "train_loss": 0.9, "grad_norm": 1.0, "img_per_s": 50.0},
+           {"step": 50, "val_loss": 0.80},
+           {"step": 90, "lr": 1e-5, "train_loss": 0.6, "grad_norm": 1.0, "img_per_s": 50.0},
+           {"step": 100, "val_loss": 0.70}]
+    write_run(root / "B_frac0.1", args, log, bad_line=True, summary=dict(
+        kind="pretrain", model="B", data="imagenet", frac=0.1, iters=100, subset_size=128117,
+        subset_hash="abc", step=100, train_loss=0.65, val_loss=0.70))
+    write_run(root / "B_synthetic", dict(args, data="synthetic"), log, summary=dict(
+        kind="pretrain", model="B", data="synthetic", frac=0.1, iters=100, subset_size=1000,
+        subset_hash="def", step=100, train_loss=0.30, val_loss=0.90))
+    write_run(root / "B_frac0.5", dict(args, frac=0.5, iters=200), log[:2])  # no summary: in progress
+    write_run(root / "ft_B", {"task": "in1k"}, [{"epoch": 0, "step": 5, "top1": 60.0, "top5": 80.0}], dict(
+        kind="finetune", task="in1k", best_top1=61.5, best_top5=85.0, last_top1=61.0, last_top5=84.0,
+        pretrained=dict(path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100,
+                        val_loss=0.70, **pretrained)))
+
+
+@pytest.mark.parametrize("case", ["path", "moved", "ambiguous"])
+def test_run_directories_are_read_and_paired(tmp_path, capsys, case):
+    # pairing goes by pretrained.run_dir; when that folder is gone, by (model, data, iters); the
+    # synthetic twin has the same model, frac and iters, so only the path or the data name decide
+    run_dir = str(tmp_path / "out" / "B_frac0.1") if case == "path" else "/gone/out/B_frac0.1"
+    fake_runs(tmp_path / "out", run_dir, **({"data": "imagenet"} if case == "moved" else {}))
+    rows = {r["data"]: r for r in analyze.load_runs([str(tmp_path / "out" / "*")])}
+    err = capsys.readouterr().err
+    assert "malformed log line" in err and "in progress" in err
+    assert set(rows) == {"imagenet 10%", "imagenet 50%", "synthetic 10%"}
+    assert "in1k_top1" not in rows["synthetic 10%"]
+    if case == "ambiguous":  # two candidates: reported, not guessed
+        assert "not found" in err and "in1k_top1" not in rows["imagenet 10%"]
+        return
+    done, partial = rows["imagenet 10%"], rows["imagenet 50%"]
+    assert (done["model"], done["iters"], done["images"], done["partial"]) == ("B", 100, 128117, False)
+    assert (done["train_loss"], done["val_loss"], done["in1k_top1"], done["in1k_top5"]) == (0.65, 0.70, 61.5, 85.0)
+    assert done["curve"] == [(50, 0.80), (100, 0.70)]
+    assert partial["partial"] and (partial["iters"], partial["train_loss"], partial["val_loss"]) == (200, 0.9, 0.80)
+    assert "in1k_top1" not in partial
+
+
+def test_figures_and_outputs_with_the_paper_alongside(tmp_path, capsys):
+    fake_runs(tmp_path / "out", str(tmp_path / "out" / "B_frac0.1"))
+    out = tmp_path / "analysis"
+    analyze.main([str(tmp_path / "out" / "*"), "--paper", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "## ours runs (3)" in printed and "## paper runs (63)" in printed
+    assert "0.7000 / 0.6500" not in printed and "0.6500 / 0.7000 / 61.50 / 85.00" in printed
+    for name in ["val_loss_vs_iters", "in1k_top1_vs_data", "in1k_top1_vs_loss", "in1k_top5_vs_loss",
+                 "val_loss_vs_iters_paper", "in1k_top1_vs_loss_paper"]:
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+    ours = json.loads((out / "correlations.json").read_text())  # our runs: one finished, so no r
+    assert ours["all"]["val_loss"]["in1k_top1"] == {"r": None, "n": 1}
+    assert json.loads((out / "correlations_paper.json").read_text())["all"]["val_loss"]["in1k_top1"]["n"] == 63
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    # ours first, data ordered by number of images (unknown last), then the paper's
+    assert [r["data"] for r in rows[:4]] == ["synthetic 10%", "imagenet 10%", "imagenet 50%", "IN-1K 10%"]
+    assert len(rows) == 66 and rows[1]["in1k_top1"] == "61.5" and rows[2]["partial"] == "1"
+    # runs.csv reads back through --csv: same rows, same numbers, same sources
+    again = analyze.load_csv(out / "runs.csv")
+    assert [r["source"] for r in again] == ["ours"] * 3 + ["paper"] * 63
+    assert again[1]["in1k_top1"] == 61.5 and again[2]["partial"] and again[-1]["val_loss"] == 0.4416
+
+
+def test_csv_with_several_metrics_and_empty_cells(tmp_path, no_figures):
+    table = tmp_path / "runs.csv"
+    table.write_text("model,data,iters,train_loss,val_loss,in1k_top1,inat_top1\n"
+                     "S,10%,125000,0.40,0.50,80.0,60.0\nS,10%,250000,0.38,0.52,80.5,\n"
+                     "S,50%,125000,0.41,0.48,81.0,61.0\nS,50%,250000,0.39,0.46,,62.0\n,10%,1,,,,\n")
+    analyze.main(["--csv", str(table), "--out", str(tmp_path / "a")])
+    corr = json.loads((tmp_path / "a" / "correlations.json").read_text())
+    assert corr["all"]["val_loss"]["in1k_top1"]["n"] == 3 and corr["all"]["val_loss"]["inat_top1"]["n"] == 3
+    x, y = [0.50, 0.52, 0.48], [80.0, 80.5, 81.0]
+    assert corr["all"]["val_loss"]["in1k_top1"]["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert corr["overfit"]["train_loss"]["in1k_top1"] == {"r": None, "n": 1}  # S 10% 250K
+
+
+def test_bad_inputs_give_one_line_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no runs found"):
+        analyze.main([str(tmp_path / "nothing*"), "--out", str(tmp_path / "a")])
+    assert "nothing*: no run directory" in capsys.readouterr().err
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "half_run").mkdir()
+    (tmp_path / "half_run" / "args.json").write_text('{"model": "B", "iter')  # unreadable, no log
+    with pytest.raises(SystemExit, match="no runs found"):
+        analyze.main([str(tmp_path / "*_run"), "--out", str(tmp_path / "a")])
+    assert "empty_run: no summary.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,data,iters,val_loss\nB,10%,125000,0.5\n")
+    with pytest.raises(SystemExit, match="missing column.*train_loss"):
+        analyze.main(["--csv", str(bad), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        analyze.main(["--csv", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--out .* is a file"):
+        analyze.main(["--paper", "--out", str(bad)])
