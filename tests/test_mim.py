@@ -1,0 +1,177 @@
+"""mim.py: masks, target normalisation, the loss, the LR schedule, and the training script end to end
+(learning, checkpoints, validation determinism, resume, 2 processes = accumulation, bad flags)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mim
+import swinv2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--data", "synthetic", "--workers", "0", "--val_images", "12", "--batch_size", "8"]
+
+
+def test_mask_generator_count_and_blocks():
+    gen = mim.MaskGenerator(192, 32, 4, 0.6)
+    mask = gen(0)
+    assert mask.shape == (48, 48) and mask.sum() == 22 * 64  # ceil(0.6 * 36) = 22 cells of 8x8 tokens
+    cells = mask.view(6, 8, 6, 8)
+    assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()  # constant over each 32 px cell
+    assert torch.equal(gen(5), gen(5)) and not torch.equal(gen(5), gen(6))
+    with pytest.raises(ValueError, match="--mask_patch"):
+        mim.MaskGenerator(200, 32, 4, 0.6)
+    with pytest.raises(ValueError, match="model's patch"):
+        mim.MaskGenerator(180, 30, 4, 0.6)
+
+
+def test_norm_targets_matches_direct_computation():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 9, 11, dtype=torch.float64)
+    out = mim.norm_targets(x, 5)
+    for c, i, j in [(0, 0, 0), (1, 4, 5), (0, 8, 10), (1, 2, 9)]:
+        win = x[0, c, max(0, i - 2): i + 3, max(0, j - 2): j + 3].flatten()
+        expect = (x[0, c, i, j] - win.mean()) / torch.sqrt(win.var(unbiased=True) + 1e-6)
+        assert torch.allclose(out[0, c, i, j], expect), (c, i, j)
+
+
+def tiny_simmim(norm_target=0):
+    torch.manual_seed(0)
+    return mim.SimMIM(swinv2.create("tiny"), norm_target).double()
+
+
+def test_loss_ignores_unmasked_pixels_and_matches_hand_computation():
+    model = tiny_simmim()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    mask = torch.stack([mim.MaskGenerator(64, 16, 4, 0.6)(s) for s in (1, 2)]).double()
+    pred = model.predict(x, mask)
+    m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)  # (B, 1, 64, 64)
+    expect = ((pred - x).abs() * m).sum() / (m.sum() + 1e-5) / 3  # summed over the batch, one ratio
+    assert torch.allclose(model(x, mask), expect)
+    # change the prediction only where nothing is masked: the loss must not move
+    original = model.decoder.forward
+    model.decoder.forward = lambda z: original(z) + 7.0 * (1 - m)
+    assert torch.allclose(model(x, mask), expect)
+    model.decoder.forward = lambda z: original(z) + 7.0 * m  # ...and must move when masked pixels change
+    assert not torch.allclose(model(x, mask), expect)
+
+
+def test_masked_patches_see_only_the_mask_token():
+    model = tiny_simmim()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    mask = torch.zeros(1, 16, 16, dtype=torch.float64)
+    mask[:, :4, :4] = 1  # the top-left 16 px cell
+    y = x.clone()
+    y[..., :16, :16] = torch.randn(16, 16, dtype=torch.float64)  # new pixels under the mask
+    assert torch.allclose(model.predict(x, mask), model.predict(y, mask))
+    assert "encoder.mask_token" in model.state_dict() and "decoder.0.weight" in model.state_dict()
+
+
+def test_get_lr_boundaries():
+    lr = lambda s: mim.get_lr(s, peak_lr=4e-4, start_lr=2e-6, warmup_iters=100, iters=800, milestone=700)
+    assert lr(0) == 2e-6 and math.isclose(lr(50), (2e-6 + 4e-4) / 2)
+    assert lr(99) < 4e-4 and lr(100) == 4e-4 and lr(699) == 4e-4
+    assert math.isclose(lr(700), 4e-5) and math.isclose(lr(799), 4e-5)
+    cos = lambda s: mim.get_lr(s, 1.0, 0.0, 10, 110, min_lr=0.01, schedule="cosine")
+    assert cos(10) == 1.0 and math.isclose(cos(60), 0.505) and math.isclose(cos(110), 0.01)
+
+
+def run_dir_rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_short_run_learns_and_writes_everything(tmp_path):
+    out = str(tmp_path / "run")
+    mim.main(TINY + ["--iters", "30", "--log_every", "5", "--eval_every", "15", "--save_every", "15", "--out_dir", out, "--lr", "2e-2"])
+    rows = run_dir_rows(out)
+    train = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(train) == 6 and train[-1] < train[0] - 0.02, train
+    assert [r["step"] for r in rows if "val_loss" in r] == [15, 30]
+    for name in ("args.json", "ckpt.pt", "subset.txt", "recon_0000030.png", "summary.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["model_config"]["window_sizes"] == (4, 4, 4, 2)
+    assert "encoder.mask_token" in ckpt["model"] and "encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight" in ckpt["model"]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["kind"] == "pretrain" and summary["subset_size"] == 2000 and summary["val_loss"] == ckpt["val_loss"]
+
+
+def test_val_loss_does_not_depend_on_micro_batch(tmp_path):
+    out = str(tmp_path / "run")
+    mim.main(TINY + ["--iters", "2", "--out_dir", out])
+    a = mim.main(TINY + ["--iters", "2", "--out_dir", out, "--eval_only", "--micro_batch", "2"])
+    b = mim.main(TINY + ["--iters", "2", "--out_dir", out, "--eval_only", "--micro_batch", "4"])
+    assert abs(a - b) < 1e-6 * a
+    assert json.load(open(os.path.join(out, "eval.json")))["val_images"] == 12
+
+
+def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
+    args = TINY + ["--iters", "6", "--save_every", "100"]
+    mim.main(args + ["--out_dir", str(tmp_path / "straight")])
+    get_lr = mim.get_lr
+
+    def preempt_at_step_3(step, *a, **kw):  # SIGTERM arrives during step 3
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_lr(step, *a, **kw)
+
+    monkeypatch.setattr(mim, "get_lr", preempt_at_step_3)
+    with pytest.raises(SystemExit) as stop:
+        mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
+    assert stop.value.code == 0
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(mim, "get_lr", get_lr)
+    mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    mim.main(TINY + ["--iters", "2", "--out_dir", out])
+    with pytest.raises(SystemExit, match="another run"):
+        mim.main(TINY + ["--iters", "4", "--out_dir", out])
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+    args = TINY + ["--iters", "3", "--drop_path", "0.1"]
+    mim.main(args + ["--micro_batch", "4", "--out_dir", str(tmp_path / "one")])  # 1 process x 2 accumulation
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "mim.py")] + args + ["--out_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (run_dir_rows(tmp_path / d) for d in ("one", "two"))
+    for r1, r2 in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            if key in r1:
+                assert abs(r1[key] - r2[key]) < 1e-5, (key, r1, r2)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--frac", "0"], "--frac must be in"),
+    (["--frac", "1.5"], "--frac must be in"),
+    (["--model", "X"], "--model 'X' is unknown"),
+    (["--img_size", "72"], "--mask_patch"),
+    (["--img_size", "80"], "--img_size 80 / --window 4: image size 80 must be divisible by 32"),
+    (["--window", "3"], "valid windows"),
+    (["--micro_batch", "3"], "--batch_size 8 is not divisible"),
+    (["--norm_target", "8"], "--norm_target must be odd"),
+    (["--data", "/nonexistent"], "/nonexistent"),
+])
+def test_bad_flags_fail_fast(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        mim.main(TINY + flags + ["--out_dir", str(tmp_path / "x")])
+    assert message in str(e.value)
+    assert not os.path.exists(tmp_path / "x")  # nothing was started
