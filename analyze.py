@@ -345,13 +345,17 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
     return paths
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description="Tables, overfitting, correlations and figures from runs.")
     p.add_argument("runs", nargs="*", help="run dirs of mim.py, finetune.py; globs allowed (default out/*)")
     p.add_argument("--csv", help="a table: model,data,iters,train_loss,val_loss and one column per metric")
     p.add_argument("--paper", action="store_true", help="add the authors' 63 released runs (paper_runs.csv)")
     p.add_argument("--out", default="analysis", help="folder for tables.md, runs.csv, correlations.json, PNG")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     patterns = args.runs or ([] if args.csv or args.paper else ["out/*"])  # out/* only by default
     rows = load_runs(patterns) + (load_csv(args.csv) if args.csv else [])
     rows += load_csv(PAPER_CSV, source="paper") if args.paper else []

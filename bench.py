@@ -1,31 +1,43 @@
 """
-Benchmarks: throughput and peak memory of one training step, and of the data pipeline.
-Speed lives here, never in the tests.
+Benchmarks: throughput and peak memory of a training step, and of the data pipeline. Speed lives
+here, never in the tests. Each mode prints one line per measured configuration.
 
-    python bench.py --model B --batch 128 --dtype bfloat16 --compile   # encoder fwd+bwd on a GPU
-    python bench.py --what encoder --embed_dim 96 --depths 2,2,6,2 --batch 8 --timm  # vs timm, CPU
+    python bench.py --what simmim --model B --batch 128 --compile      # SimMIM step on a GPU (bf16)
+    python bench.py --what encoder --embed_dim 96 --depths 2,2,6,2 --batch 8 --timm   # ours vs timm
+    python bench.py --what data --jpeg_size 500x375                    # decode+crop img/s per worker
 """
 import argparse
+import os
+import tempfile
 import time
 
+import numpy as np
 import torch
 
+import data
+import mim
 import swinv2
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--what", default="encoder", choices=["encoder"], help="what to time")
-parser.add_argument("--model", default="B", help="preset: S, B, L, H, g or tiny")
-parser.add_argument("--embed_dim", type=int, default=None, help="override the preset's width C (e.g. 96 for a T-sized model)")
-parser.add_argument("--depths", default=None, help="override the preset's depths, e.g. 2,2,6,2")
-parser.add_argument("--img_size", type=int, default=None, help="pixels; default: the preset's (192)")
-parser.add_argument("--window", type=int, default=None, help="window size; default: the preset's (12)")
-parser.add_argument("--batch", type=int, default=8, help="images per step")
-parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
-parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
-parser.add_argument("--timm", action="store_true", help="also time timm's SwinTransformerV2 at the same config")
+
+def get_parser():
+    p = argparse.ArgumentParser(description="throughput and peak memory of a training step or the data pipeline")
+    p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data"], help="what to time")
+    p.add_argument("--model", default="B", help="preset: S, B, L, H, g or tiny")
+    p.add_argument("--embed_dim", type=int, default=None, help="override the preset's width C (e.g. 96 for a T-sized model)")
+    p.add_argument("--depths", default=None, help="override the preset's depths, e.g. 2,2,6,2")
+    p.add_argument("--img_size", type=int, default=None, help="pixels; default: the preset's (192)")
+    p.add_argument("--window", type=int, default=None, help="window size; default: the preset's (12)")
+    p.add_argument("--batch", type=int, default=8, help="images per step (per GPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--timm", action="store_true", help="encoder mode: also time timm's SwinTransformerV2 at the same config")
+    p.add_argument("--data", default=None, help="data mode: a folder of images; default: JPEGs made in a temp folder")
+    p.add_argument("--jpeg_size", default="500x375", help="data mode: WxH of the made JPEGs (ImageNet is ~500x375)")
+    p.add_argument("--images", type=int, default=200, help="data mode: images to decode per measurement")
+    return p
 
 
 def build_encoder(args):
@@ -35,18 +47,20 @@ def build_encoder(args):
             kw[key] = value
     if args.depths:
         kw["depths"] = tuple(int(d) for d in args.depths.split(","))
-    return swinv2.SwinV2(swinv2.SwinV2Config(**kw))
+    model = swinv2.SwinV2(swinv2.SwinV2Config(**kw))
+    model.set_grad_ckpt(args.grad_ckpt)
+    return model
 
 
 def timm_twin(cfg):
     from timm.models.swin_transformer_v2 import SwinTransformerV2
-    return SwinTransformerV2(img_size=cfg.img_size, patch_size=cfg.patch_size, window_size=cfg.window_size, embed_dim=cfg.embed_dim,
-                             depths=cfg.depths, num_heads=[cfg.embed_dim * 2**i // cfg.head_dim for i in range(len(cfg.depths))],
-                             num_classes=0)
+    heads = [cfg.embed_dim * 2**i // cfg.head_dim for i in range(len(cfg.depths))]
+    return SwinTransformerV2(img_size=cfg.img_size, patch_size=cfg.patch_size, window_size=cfg.window_size,
+                             embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=heads, num_classes=0)
 
 
-def time_steps(step, args, device):
-    """Run `step` warmup + steps times; returns seconds per step (synchronising only around timing)."""
+def timed(step, args, device):
+    """Seconds per call of step(), after warmup; synchronises only around the timed region."""
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -59,40 +73,93 @@ def time_steps(step, args, device):
     return (time.perf_counter() - t0) / args.steps
 
 
-def bench_encoder(model, args, device, dtype, label):
+def report(label, params, sec, args, device):
+    mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"{label:>8}: {params / 1e6:.1f}M params, batch {args.batch}, {sec * 1000:.0f} ms/step, {args.batch / sec:.1f} img/s{mem}", flush=True)
+
+
+def bench_encoder(model, size, args, device, ctx, label):
+    """Forward + backward of the encoder alone (no optimizer)."""
     model = model.to(device).train()
-    if args.grad_ckpt and hasattr(model, "set_grad_ckpt"):
-        model.set_grad_ckpt(True)
     run = torch.compile(model) if args.compile else model
-    size = model.cfg.img_size if hasattr(model, "cfg") else args.img_size
     x = torch.randn(args.batch, 3, size, size, device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with ctx:
             out = run(x)
         out.float().square().mean().backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = time_steps(step, args, device)
-    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{label:>8}: {params:.1f}M params, batch {args.batch}, {sec * 1000:.0f} ms/step, {args.batch / sec:.1f} img/s fwd+bwd{mem}")
+    sec = timed(step, args, device)
+    report(label, sum(p.numel() for p in model.parameters()), sec, args, device)
+
+
+def bench_simmim(encoder, args, device, ctx):
+    """One full pre-training step as mim.py runs it: masked forward, loss, backward, clip, AdamW."""
+    size = encoder.cfg.img_size
+    model = mim.SimMIM(encoder, norm_target=47).to(device).train()
+    run = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(mim.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    masks = mim.MaskGenerator(size, 32 if size % 32 == 0 else 16, 4, 0.6)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    mask = torch.stack([masks(i) for i in range(args.batch)]).to(device)
+
+    def step():
+        with ctx:
+            loss = run(x, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec = timed(step, args, device)
+    report("simmim", sum(p.numel() for p in encoder.parameters()), sec, args, device)
+
+
+def bench_data(args):
+    """Images/s of one process (= one data-loader worker) through the pre-training transform, with
+    and without JPEG draft decoding."""
+    folder = args.data
+    if folder is None:
+        folder = tempfile.mkdtemp()
+        w, h = (int(v) for v in args.jpeg_size.split("x"))
+        os.makedirs(os.path.join(folder, "a"))
+        from PIL import Image
+        rng = np.random.default_rng(0)
+        for i in range(20):  # smooth random content, so JPEG sizes are realistic
+            small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((w, h), Image.BICUBIC).save(os.path.join(folder, "a", f"{i}.jpg"), quality=90)
+    dataset = data.open_dataset(folder)
+    size = args.img_size or 192
+    for draft in (False, True):
+        stream = data.TrainStream(dataset, np.arange(len(dataset)), data.pretrain_transform(size, draft=draft), seed=0)
+        t0 = time.perf_counter()
+        for pos in range(args.images):
+            stream[pos]
+        rate = args.images / (time.perf_counter() - t0)
+        print(f"data: {len(dataset)} images from {folder}, crop {size}, draft {'on ' if draft else 'off'}: "
+              f"{rate:.0f} img/s per worker", flush=True)
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = get_parser().parse_args(argv)
+    if args.what == "data":
+        return bench_data(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ctx = mim.autocast(device, args.dtype)
     torch.manual_seed(0)
-    model = build_encoder(args)
-    cfg = model.cfg
-    print(f"{device.type}, {dtype}, {torch.get_num_threads()} threads, C={cfg.embed_dim} depths {cfg.depths} "
-          f"at {cfg.img_size} px, windows {cfg.window_sizes}{', compiled' if args.compile else ''}")
-    bench_encoder(model, args, device, dtype, "ours")
+    encoder = build_encoder(args)
+    cfg = encoder.cfg
+    print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"autocast {args.dtype}, C={cfg.embed_dim} depths {cfg.depths} at {cfg.img_size} px, windows {cfg.window_sizes}"
+          f"{', compiled' if args.compile else ''}{', grad_ckpt' if args.grad_ckpt else ''}", flush=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    if args.what == "simmim":
+        return bench_simmim(encoder, args, device, ctx)
+    bench_encoder(encoder, cfg.img_size, args, device, ctx, "ours")
     if args.timm:
-        args.img_size = cfg.img_size
-        bench_encoder(timm_twin(cfg), args, device, dtype, "timm")
+        bench_encoder(timm_twin(cfg), cfg.img_size, args, device, ctx, "timm")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def tiny_simmim(norm_target=0):
     return mim.SimMIM(swinv2.create("tiny"), norm_target).double()
 
 
-def test_loss_ignores_unmasked_pixels_and_matches_hand_computation():
-    model = tiny_simmim()
+@pytest.mark.parametrize("norm_target", [0, 7])
+def test_loss_ignores_unmasked_pixels_and_matches_hand_computation(norm_target):
+    model = tiny_simmim(norm_target)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     mask = torch.stack([mim.MaskGenerator(64, 16, 4, 0.6)(s) for s in (1, 2)]).double()
     pred = model.predict(x, mask)
+    target = mim.norm_targets(x, norm_target) if norm_target else x
     m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)  # (B, 1, 64, 64)
-    expect = ((pred - x).abs() * m).sum() / (m.sum() + 1e-5) / 3  # summed over the batch, one ratio
+    expect = ((pred - target).abs() * m).sum() / (m.sum() + 1e-5) / 3  # summed over the batch, one ratio
     assert torch.allclose(model(x, mask), expect)
     # change the prediction only where nothing is masked: the loss must not move
     original = model.decoder.forward
