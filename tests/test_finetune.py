@@ -1,0 +1,185 @@
+"""finetune.py: loading mim.py and official checkpoints, layer-wise LR decay, the run directory and its
+pairing info, refusing bad input, exact evaluation across world sizes, and resume after SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune
+import mim
+import swinv2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 16 training images, global batch 8 in micro-batches of 4: 2 steps per epoch, 4 steps in all
+TINY = ["--model", "tiny", "--data", "synthetic:16", "--batch_size", "8", "--micro_batch", "4", "--epochs", "2",
+        "--warmup_epochs", "1", "--val_images", "10", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A mim.py run directory: the tiny model pre-trained for 4 steps."""
+    out = tmp_path_factory.mktemp("pretrain")
+    mim.main(["--model", "tiny", "--data", "synthetic", "--iters", "4", "--batch_size", "8", "--val_images", "8",
+              "--workers", "0", "--out_dir", str(out)])
+    return out
+
+
+def resolved(argv, n_train=16):
+    """finetune's run numbers for argv, as main derives them."""
+    args = finetune.get_parser().parse_args(argv)
+    r = finetune.resolve(args, 1)
+    spe = max(1, n_train // r["batch_size"])
+    r.update(steps_per_epoch=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe)
+    return args, r
+
+
+def read_log(d):
+    return [json.loads(line) for line in open(d / "log.jsonl")]
+
+
+def test_finetune_from_a_mim_run_writes_the_pairing(pretrained, tmp_path):
+    out = tmp_path / "ft"
+    argv = TINY + ["--pretrained", str(pretrained), "--out_dir", str(out)]
+    # the encoder is the pre-trained one, bit for bit; only the head is new
+    args, r = resolved(argv)
+    ckpt, info = finetune.read_pretrained(str(pretrained))
+    model, missing = finetune.build_model(args, r, ckpt, 10)
+    assert missing == ["head.weight", "head.bias"]
+    own = model.state_dict()
+    for k, v in ckpt["model"].items():
+        if k.startswith("encoder.") and k != "encoder.mask_token":
+            assert torch.equal(own[k[len("encoder."):]], v), k
+
+    result = finetune.main(argv)
+    summary = json.load(open(out / "summary.json"))
+    pt = json.load(open(pretrained / "summary.json"))
+    assert summary["kind"] == "finetune" and summary["task"] == "synthetic" and summary["epochs"] == 2
+    assert summary["pretrained"] == dict(path=str(pretrained / "ckpt.pt"), run_dir=str(pretrained), model="tiny", frac=1.0,
+                                         iters=4, data="synthetic", step=4, val_loss=pt["val_loss"])
+    log = read_log(out)
+    assert [(l["epoch"], l["step"]) for l in log] == [(1, 2), (2, 4)]
+    assert all({"epoch", "step", "train_loss", "lr", "top1", "top5"} <= set(l) for l in log)
+    assert summary["best_top1"] == max(l["top1"] for l in log) and summary["last_top1"] == log[-1]["top1"] == result["top1"]
+    assert (out / "args.json").exists()
+    # the loop really sets each group's LR by the layer-decay rule (the last step is step 3)
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert len({g["lr"] for g in groups}) == 10
+    for g in groups:
+        assert g["lr"] == pytest.approx(finetune.group_lr(3, g["lr_scale"], r), rel=1e-12)
+
+
+def test_official_checkpoint_loads_with_the_expected_keys(pretrained, tmp_path):
+    # the official format: a `model` wrapper, `encoder.` prefix, persistent shape buffers, rpe_mlp,
+    # decoder and mask token, no model_config (so the pre-training windows are the preset's 4,4,4,2)
+    ours = torch.load(pretrained / "ckpt.pt", weights_only=True)["model"]
+    official = {k.replace("cpb_mlp", "rpe_mlp"): v for k, v in ours.items()}
+    for k, v in swinv2.create("tiny").named_buffers():
+        if not k.endswith("k_bias"):
+            official[f"encoder.{k}"] = v
+    assert any("attn_mask" in k for k in official) and "decoder.0.weight" in official and "encoder.mask_token" in official
+    torch.save({"model": official}, tmp_path / "official.pth")
+
+    args, r = resolved(TINY + ["--pretrained", str(tmp_path / "official.pth"), "--window", "8"])
+    ckpt, info = finetune.read_pretrained(args.pretrained)
+    assert info["path"] == str(tmp_path / "official.pth") and info["run_dir"] is None and info["val_loss"] is None
+    model, missing = finetune.build_model(args, r, ckpt, 10)
+    assert set(missing) == {"head.weight", "head.bias"}
+    assert set(swinv2.clean_state_dict(ckpt)) == set(model.state_dict()) - {"head.weight", "head.bias"}
+    assert model.cfg.window_sizes == (8, 8, 4, 2) and model.cfg.pretrained_window_sizes == (4, 4, 4, 2)
+    attn = model.layers[0].blocks[0].attn
+    assert attn.relative_coords_table.shape == (15 * 15, 2)  # rebuilt for window 8, not loaded (7 * 7)
+    assert torch.equal(attn.cpb_mlp[0].weight, ours["encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight"])
+
+
+def test_bad_input_is_refused_in_one_line(pretrained, tmp_path):
+    cases = [(["--model", "S"], "SwinV2-tiny"), (["--model", "Z"], "--model"),
+             (["--pretrained", str(tmp_path / "nothing.pt")], "does not exist"),
+             (["--micro_batch", "3"], "not divisible"), (["--data", str(tmp_path / "no_data")], "data path")]
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as e:
+            finetune.main(TINY + ["--pretrained", str(pretrained), "--out_dir", str(tmp_path / "ft")] + extra)
+        msg = str(e.value.code)
+        assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
+        if extra[1] == "S":
+            assert "SwinV2-S" in msg  # both sizes are named
+    assert not (tmp_path / "ft").exists()  # refused before any work
+
+
+def test_layer_decay_groups_and_their_learning_rates():
+    model = swinv2.create("tiny", num_classes=10)
+    groups = finetune.param_groups(model, 0.05, 0.75)
+    # every parameter in exactly one group
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    where = {n: g for g in groups for n in g["names"]}
+    # L = 8 blocks: patch embedding id 0, block j of stage i sum(depths[:i]) + j + 1, downsample = last
+    # block of its stage, final norm and head L + 1 = 9; scale 0.75^(9 - id)
+    for name, layer in [("patch_embed.proj.weight", 0), ("layers.0.blocks.0.attn.qkv.weight", 1),
+                        ("layers.0.downsample.reduction.weight", 2), ("layers.2.blocks.1.mlp.fc1.bias", 6),
+                        ("layers.3.blocks.1.attn.logit_scale", 8), ("norm.weight", 9), ("head.weight", 9)]:
+        assert where[name]["lr_scale"] == pytest.approx(0.75 ** (9 - layer)), name
+    for name in ["layers.1.blocks.0.attn.logit_scale", "layers.1.blocks.0.attn.cpb_mlp.0.weight", "head.bias",
+                 "layers.1.blocks.0.norm1.weight", "layers.1.blocks.0.attn.q_bias"]:
+        assert where[name]["weight_decay"] == 0, name
+    assert where["head.weight"]["weight_decay"] == where["layers.1.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    # the LR of a group: warmup from the unscaled start, peak scaled, cosine to the unscaled minimum
+    r = dict(peak_lr=1e-3, start_lr=1e-6, min_lr=2e-6, warmup_iters=10, iters=110)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert len(scales) == 10
+    for s in scales:
+        assert finetune.group_lr(0, s, r) == pytest.approx(1e-6)
+        assert finetune.group_lr(5, s, r) == pytest.approx(1e-6 + (1e-3 * s - 1e-6) / 2)
+        assert finetune.group_lr(10, s, r) == pytest.approx(1e-3 * s)
+        assert finetune.group_lr(60, s, r) == pytest.approx((1e-3 * s + 2e-6) / 2)  # half-way down the cosine
+        assert finetune.group_lr(110, s, r) == pytest.approx(2e-6)
+    assert len({finetune.group_lr(10, s, r) for s in scales}) == 10
+
+
+def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):
+    # 51 images (odd): two ranks get 26 and 25, none padded or repeated
+    out = tmp_path / "ft"
+    argv = TINY + ["--data", "synthetic:8", "--epochs", "1", "--val_images", "51", "--pretrained", "none", "--out_dir", str(out)]
+    one = finetune.main(argv)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "finetune.py", *argv, "--eval_only"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(out / "eval.json"))
+    assert two["images"] == 51 and two["step"] == 1
+    assert (two["top1"], two["top5"]) == (one["top1"], one["top5"]) == (read_log(out)[-1]["top1"], read_log(out)[-1]["top5"])
+
+
+def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
+    # one epoch of 4 steps, stopped after step 2 of 4 (mid-epoch), then resumed
+    argv = TINY + ["--data", "synthetic:32", "--epochs", "1", "--warmup_epochs", "0", "--pretrained", "none", "--out_dir"]
+
+    class PreemptedAtStep2(mim.StopSignal):  # SIGTERM arrives during step 2
+        def should_stop(self, device):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().should_stop(device)
+
+    handler = signal.getsignal(signal.SIGTERM)  # StopSignal replaces it; give pytest its own back
+    try:
+        finetune.main(argv + [str(tmp_path / "straight")])
+        monkeypatch.setattr(mim, "StopSignal", PreemptedAtStep2)
+        with pytest.raises(SystemExit) as e:
+            finetune.main(argv + [str(tmp_path / "resumed")])
+        assert e.value.code == 0
+        assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
+        monkeypatch.undo()
+        finetune.main(argv + [str(tmp_path / "resumed")])  # the same command again: it resumes
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"]), i
+    assert read_log(tmp_path / "straight")[-1]["top1"] == read_log(tmp_path / "resumed")[-1]["top1"]
