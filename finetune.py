@@ -221,10 +221,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:  # every bad flag, path or checkpoint is refused before any work starts
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        train_set = data.open_dataset(args.data, "train")
-        if args.val_data is None and not args.data.startswith("synthetic") and not os.path.isdir(os.path.join(args.data, "val")):
-            raise ValueError(f"--data {args.data} has no val/ folder: pass the evaluation images with --val_data")
-        val_set = data.open_dataset(args.val_data or args.data, "val")
+        train_set, val_set = mim.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of --data {args.data}")
@@ -250,6 +247,8 @@ def main(argv=None):
            f"{model.cfg.pretrained_window_sizes}, {K} classes")
     print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
                                     if p["run_dir"] else p["path"] or "none: from scratch"))
+    if missing:
+        print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
     print0(f"{'schedule':>14} {r['epochs']} epochs x {spe} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
            f"warmup {r['warmup_iters']}")
@@ -266,7 +265,7 @@ def main(argv=None):
     # ---- optimizer; the table shows layer decay at work
     model = raw_model = model.to(device)
     groups = param_groups(model, args.weight_decay, args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda" or None)
     print0(f"{'layer id':>14} {'LR scale':>9} {'wd':>5} {'tensors':>7}")
     for g in sorted(groups, key=lambda g: (model.layer_id(g["names"][0]), -g["weight_decay"])):
         ids = sorted({model.layer_id(n) for n in g["names"]})  # one id per group, unless layer_decay is 1

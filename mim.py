@@ -217,6 +217,15 @@ def resolve(args, world_size):
 # training plumbing, shared with finetune.py
 
 
+def open_splits(data_path, val_path=None):
+    """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
+    --data's val split; a folder without val/ is refused, since its 'val' would be the training set."""
+    train_set = data.open_dataset(data_path, "train")
+    if val_path is None and not data_path.startswith("synthetic") and not os.path.isdir(os.path.join(data_path, "val")):
+        raise ValueError(f"--data {data_path} has no val/ folder: pass held-out images with --val_data")
+    return train_set, data.open_dataset(val_path or data_path, "val")
+
+
 def setup_distributed():
     """The torchrun contract: RANK, LOCAL_RANK, WORLD_SIZE in the environment, else one process.
     Returns (rank, local_rank, world_size, device)."""
@@ -298,7 +307,9 @@ def save_checkpoint(path, raw_model, optimizer, step, **meta):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: tensors are read from disk when used, so reading the encoder of a g checkpoint does not
+    # load its 8 GB of AdamW state on every rank
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class Log:
@@ -392,10 +403,7 @@ def main(argv=None):
     world_hint = int(os.environ.get("WORLD_SIZE", 1))
     try:  # every bad flag is refused before any work starts
         r = resolve(args, world_hint)
-        train_set = data.open_dataset(args.data, "train")
-        if args.val_data is None and not args.data.startswith("synthetic") and not os.path.isdir(os.path.join(args.data, "val")):
-            raise ValueError(f"--data {args.data} has no val/ folder: pass held-out images with --val_data")
-        val_set = data.open_dataset(args.val_data or args.data, "val")
+        train_set, val_set = open_splits(args.data, args.val_data)
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -436,7 +444,7 @@ def main(argv=None):
     # pre-training decays logit_scale and the cpb_mlp weights. Only 1-D params, biases and the mask
     # token are exempt. (Fine-tuning exempts cpb_mlp and logit_scale too.)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda" or None)  # None: the fast foreach path on CPU
     print0(f"{'parameters':>14} {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder, "
            f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M decoder")
 

@@ -402,6 +402,4 @@ def load_pretrained(model: SwinV2, checkpoint, strict_head=False):
     bad = [k for k in missing if not (k.startswith("head.") and not strict_head)] + list(unexpected)
     if bad:
         raise ValueError(f"checkpoint keys do not match the model: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
-    if missing:
-        print(f"load_pretrained: freshly initialised: {missing}")
-    return missing
+    return missing  # the caller reports them (on rank 0)
