@@ -106,7 +106,8 @@ def resolve(args, world_size):
     r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else os.path.splitext(os.path.basename(name))[0])
     src = args.pretrained.rstrip("/")
     src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
-    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{os.path.splitext(src)[0]}"
+    src = src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
+    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{src}"
     swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))  # checks the window
     return r
 
@@ -368,6 +369,7 @@ def main(argv=None):
             print0(f"SIGTERM: saved {ckpt_path} at step {done}; run the same command again to resume")
             sys.exit(0)
     bar.close()
+    stop.restore()
 
     if master and start_step < r["iters"]:
         mim.save_json(os.path.join(out_dir, "summary.json"), dict(

@@ -325,14 +325,18 @@ class Log:
 
 
 class StopSignal:
-    """SIGTERM (preemption) sets a flag; the loop checks it at step boundaries, on all ranks at once."""
+    """SIGTERM (preemption) sets a flag; the loop checks it at step boundaries, on all ranks at once.
+    The first SIGTERM puts the previous handler back, so a second one ends the process at once."""
 
     def __init__(self):
-        self.flag = False
-        signal.signal(signal.SIGTERM, self.handle)
+        self.flag, self.previous = False, signal.signal(signal.SIGTERM, self.handle)
 
     def handle(self, *_):
         self.flag = True
+        self.restore()
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
 
     def should_stop(self, device):
         return all_sum(self.flag, device=device)[0] > 0
@@ -555,6 +559,7 @@ def main(argv=None):
             print0(f"SIGTERM: saved {ckpt_path} at step {done}; restart with the same --out_dir to resume")
             sys.exit(0)
     bar.close()
+    stop.restore()
 
     if master and start_step < r["iters"]:
         save_json(os.path.join(out_dir, "summary.json"), dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")),
