@@ -78,8 +78,8 @@ def report(label, params, sec, args, device):
     print(f"{label:>8}: {params / 1e6:.1f}M params, batch {args.batch}, {sec * 1000:.0f} ms/step, {args.batch / sec:.1f} img/s{mem}", flush=True)
 
 
-def bench_encoder(model, size, args, device, ctx, label):
-    """Forward + backward of the encoder alone (no optimizer)."""
+def encoder_step(model, size, args, device, ctx):
+    """One forward + backward of the encoder alone (no optimizer)."""
     model = model.to(device).train()
     run = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch, 3, size, size, device=device)
@@ -88,9 +88,26 @@ def bench_encoder(model, size, args, device, ctx, label):
         with ctx:
             out = run(x)
         out.float().square().mean().backward()
+    return step
 
-    sec = timed(step, args, device)
-    report(label, sum(p.numel() for p in model.parameters()), sec, args, device)
+
+def interleaved(steps, args, device):
+    """Median seconds per step of each named step(), timed in alternating order, so that a slow
+    moment of a shared machine hits every contender alike (timing one after the other does not)."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {name: [] for name in steps}
+    for r in range(args.steps):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def bench_simmim(encoder, args, device, ctx):
@@ -157,9 +174,10 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     if args.what == "simmim":
         return bench_simmim(encoder, args, device, ctx)
-    bench_encoder(encoder, cfg.img_size, args, device, ctx, "ours")
-    if args.timm:
-        bench_encoder(timm_twin(cfg), cfg.img_size, args, device, ctx, "timm")
+    models = {"ours": encoder, **({"timm": timm_twin(cfg)} if args.timm else {})}
+    steps = {name: encoder_step(m, cfg.img_size, args, device, ctx) for name, m in models.items()}
+    for name, sec in interleaved(steps, args, device).items():  # peak memory: of all models together
+        report(name, sum(p.numel() for p in models[name].parameters()), sec, args, device)
 
 
 if __name__ == "__main__":
