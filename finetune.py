@@ -332,15 +332,8 @@ def main(argv=None):
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE, fp32
                 (loss / r["accum"]).backward()  # gradients add up over micro-steps: their sum is the batch mean
             loss_acc += loss.detach() / r["accum"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)  # same on every rank
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            skipped_in_row = 0
-        else:  # a non-finite step is skipped and counted; many in a row stop the run
-            state["skipped_steps"], skipped_in_row = state["skipped_steps"] + 1, skipped_in_row + 1
-            if skipped_in_row >= 10:
-                sys.exit(f"error: 10 non-finite steps in a row at step {step}; the last good checkpoint is {ckpt_path}")
-        optimizer.zero_grad(set_to_none=True)
+        _, skipped_in_row = mim.optimizer_step(raw_model, optimizer, args.clip_grad, skipped_in_row, step, ckpt_path)
+        state["skipped_steps"] += skipped_in_row > 0
         loss_sum, loss_n, done = loss_sum + loss_acc, loss_n + 1, step + 1
         bar.update(1)
 

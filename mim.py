@@ -284,6 +284,22 @@ def param_groups(model, weight_decay, skip=("mask_token",), layer_scale=None):
     return list(groups.values())
 
 
+def optimizer_step(raw_model, optimizer, clip_grad, skipped_in_row, step, ckpt_path):
+    """Clip, then step, or skip a step whose gradient is not finite; 10 skipped in a row stop the run
+    (the last checkpoint stays intact). The gradient is already all-reduced, so every rank sees the
+    same norm and takes the same branch. Returns (grad norm, non-finite steps in a row)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        skipped_in_row = 0
+    else:
+        skipped_in_row += 1
+        if skipped_in_row >= 10:
+            sys.exit(f"error: 10 non-finite steps in a row at step {step}; the last good checkpoint is {ckpt_path}")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped_in_row
+
+
 def atomic_write(path, write):
     """Write via a temp file, fsync, rename: a reader (or a restart after a kill) sees the old file or
     the new one, never half of one."""
@@ -517,16 +533,8 @@ def main(argv=None):
                 # gradients add up over micro-steps: divide so their sum is the mean over the global batch
                 (loss / r["accum"]).backward()
             loss_acc += loss.detach() / r["accum"]
-        # the gradient is already all-reduced, so every rank sees the same norm and takes the same branch
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            skipped_in_row = 0
-        else:  # a non-finite step is skipped and counted; many in a row stop the run
-            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
-            if skipped_in_row >= 10:
-                sys.exit(f"error: 10 non-finite steps in a row at step {step}; the last good checkpoint is {ckpt_path}")
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped_in_row = optimizer_step(raw_model, optimizer, args.clip_grad, skipped_in_row, step, ckpt_path)
+        skipped += skipped_in_row > 0
         loss_sum, loss_n = loss_sum + loss_acc, loss_n + 1
         done, last = step + 1, step + 1 == r["iters"]
         bar.update(1)
