@@ -22,7 +22,7 @@ import swinv2
 def get_parser():
     p = argparse.ArgumentParser(description="throughput and peak memory of a training step or the data pipeline")
     p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data"], help="what to time")
-    p.add_argument("--model", default="B", help="preset: S, B, L, H, g or tiny")
+    p.add_argument("--model", default="B", help="preset: S, B, L, H, g, nano or tiny")
     p.add_argument("--embed_dim", type=int, default=None, help="override the preset's width C (e.g. 96 for a T-sized model)")
     p.add_argument("--depths", default=None, help="override the preset's depths, e.g. 2,2,6,2")
     p.add_argument("--img_size", type=int, default=None, help="pixels; default: the preset's (192)")

@@ -243,12 +243,16 @@ def val_transform(img_size):
     return T.Compose([to_rgb, T.Resize(img_size, T.InterpolationMode.BILINEAR), T.CenterCrop(img_size), _normalize])
 
 
-def finetune_transform(img_size, train):
-    """The official fine-tuning recipe. torchvision's RandAugment(2 ops, m9) stands in for timm's
-    rand-m9-mstd0.5-inc1, and value='random' makes RandomErasing fill with noise like timm's 'pixel' mode."""
+def finetune_transform(img_size, train, aug="paper"):
+    """The official fine-tuning recipe (aug='paper'). torchvision's RandAugment(2 ops, m9) stands in for
+    timm's rand-m9-mstd0.5-inc1, and value='random' makes RandomErasing fill with noise like timm's 'pixel'
+    mode. aug='light' (crop 35-100 % and flip) is for short CPU runs on the synthetic set."""
     bicubic = T.InterpolationMode.BICUBIC
     if not train:
         return T.Compose([to_rgb, T.Resize(int(256 / 224 * img_size), bicubic), T.CenterCrop(img_size), _normalize])
+    if aug == "light":
+        return T.Compose([to_rgb, T.RandomResizedCrop(img_size, (0.35, 1.0), interpolation=bicubic),
+                          T.RandomHorizontalFlip(), _normalize])
     return T.Compose([to_rgb, T.RandomResizedCrop(img_size, (0.08, 1.0), interpolation=bicubic),
                       T.RandomHorizontalFlip(), T.RandAugment(2, 9, interpolation=bicubic), _normalize,
                       T.RandomErasing(p=0.25, value="random")])

@@ -131,7 +131,7 @@ class SimMIM(nn.Module):
 def get_parser():
     p = argparse.ArgumentParser(description="SimMIM pre-training of SwinV2 (the data-scaling study)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or tiny (tests, CPU demo)")
+    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or the CPU sizes nano, tiny")
     g.add_argument("--img_size", type=int, default=None, help="input pixels; default: the preset's (192; tiny 64)")
     g.add_argument("--window", type=int, default=None, help="attention window; default: the preset's (12; tiny 4)")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate, rising over blocks (paper 0.1)")
@@ -168,7 +168,7 @@ def get_parser():
     return p
 
 
-# The flags a preset decides: the paper's recipe for S..g, a CPU-minute recipe for tiny. Tiny predicts
+# The flags a preset decides: the paper's recipe for S..g, a CPU-minute recipe for nano and tiny. These predict
 # plain (ImageNet-normalised) pixels: the 47 px local normalisation leaves only fine detail, which a
 # 2M-parameter model does not learn in minutes (measured: val loss 0.743 -> 0.740 in 200 steps with a
 # 15 px window, 0.576 -> 0.547 without), so the demo would show nothing.
@@ -185,7 +185,7 @@ def resolve(args, world_size):
         raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
     if not 0 < args.frac <= 1:
         raise ValueError(f"--frac must be in (0, 1], got {args.frac}")
-    recipe = RECIPES["tiny" if args.model == "tiny" else "paper"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "tiny"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     preset = swinv2.PRESETS[args.model]
     r["img_size"] = args.img_size or preset.get("img_size", 192)

@@ -254,13 +254,15 @@ class SwinV2Config:
         self.window_sizes = tuple(min(self.window_size, r) for r in resolutions)
 
 
-PRESETS = {  # the data-scaling paper's sizes: depths 2,2,18,2, widths C; tiny is for tests and the CPU demo
+PAPER_SIZES = ("S", "B", "L", "H", "g")
+PRESETS = {  # the data-scaling paper's sizes: depths 2,2,18,2, widths C; nano and tiny are CPU-sized
     "S": dict(embed_dim=96),
     "B": dict(embed_dim=128),
     "L": dict(embed_dim=192),
     "H": dict(embed_dim=352),
     "g": dict(embed_dim=448),
-    "tiny": dict(embed_dim=32, depths=(2, 2, 2, 2), img_size=64, window_size=4),
+    "tiny": dict(embed_dim=32, depths=(2, 2, 2, 2), img_size=64, window_size=4),  # 2.3M: tests, CPU demo
+    "nano": dict(embed_dim=16, head_dim=16, depths=(2, 2, 2, 2), img_size=64, window_size=4),  # 0.6M: the miniature
 }
 
 
@@ -331,7 +333,7 @@ class SwinV2(nn.Module):
 
 def create(name, img_size=None, window_size=None, pretrained_window_sizes=None, num_classes=0,
            drop_path_rate=0.0, grad_ckpt=False) -> SwinV2:
-    """Build a preset by the paper's letter (S, B, L, H, g) or `tiny`; None keeps the preset's own value."""
+    """Build a preset by the paper's letter (S, B, L, H, g) or `nano`, `tiny`; None keeps the preset's own value."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
     kw = dict(PRESETS[name], num_classes=num_classes, drop_path_rate=drop_path_rate)

@@ -196,5 +196,9 @@ def test_finetune_transforms_shapes():
     img = Image.fromarray(smooth_rgb(50, 40))
     torch.manual_seed(0)
     assert data.finetune_transform(32, train=True)(img).shape == (3, 32, 32)
+    light = data.finetune_transform(32, train=True, aug="light")
+    names = [type(t).__name__ for t in light.transforms]
+    assert light(img).shape == (3, 32, 32) and "RandAugment" not in names and "RandomErasing" not in names
+    assert [t.scale for t in light.transforms if hasattr(t, "scale")] == [(0.35, 1.0)]
     ev = data.finetune_transform(32, train=False)
     assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 32, 32)

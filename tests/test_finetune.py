@@ -16,7 +16,7 @@ import swinv2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 training images, global batch 8 in micro-batches of 4: 2 steps per epoch, 4 steps in all
 TINY = ["--model", "tiny", "--data", "synthetic:16", "--batch_size", "8", "--micro_batch", "4", "--epochs", "2",
-        "--warmup_epochs", "1", "--val_images", "10", "--workers", "0"]
+        "--warmup_epochs", "1", "--val_images", "10", "--workers", "0", "--layer_decay", "0.75"]  # the official decay, to test it
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,14 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
     for i, s in a["optimizer"]["state"].items():
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"]), i
     assert read_log(tmp_path / "straight")[-1]["top1"] == read_log(tmp_path / "resumed")[-1]["top1"]
+
+
+@pytest.mark.parametrize("model,recipe", [("B", dict(aug="paper", mixup=0.8, cutmix=1.0, layer_decay=0.75, epochs=100)),
+                                          ("tiny", dict(aug="light", mixup=0.0, cutmix=0.0, layer_decay=1.0, epochs=3)),
+                                          ("nano", dict(aug="light", mixup=0.0, cutmix=0.0, layer_decay=1.0, epochs=3))])
+def test_the_recipe_follows_the_preset_and_flags_override_it(model, recipe):
+    _, r = resolved(["--model", model, "--data", "synthetic", "--pretrained", "none", "--batch_size", "8"])
+    assert {k: r[k] for k in recipe} == recipe
+    _, r = resolved(["--model", model, "--data", "synthetic", "--pretrained", "none", "--batch_size", "8",
+                     "--aug", "light", "--mixup", "0.2", "--layer_decay", "0.9"])
+    assert (r["aug"], r["mixup"], r["layer_decay"]) == ("light", 0.2, 0.9)

@@ -177,3 +177,10 @@ def test_bad_flags_fail_fast(flags, message, tmp_path, capsys):
         mim.main(TINY + flags + ["--out_dir", str(tmp_path / "x")])
     assert message in str(e.value)
     assert not os.path.exists(tmp_path / "x")  # nothing was started
+
+
+@pytest.mark.parametrize("model,want", [("B", dict(img_size=192, iters=500000, norm_target=47, mask_patch=32)),
+                                        ("nano", dict(img_size=64, iters=150, norm_target=0, mask_patch=16))])
+def test_the_recipe_follows_the_preset(model, want):
+    r = mim.resolve(mim.get_parser().parse_args(["--model", model, "--data", "synthetic"]), 1)
+    assert {k: r[k] for k in want} == want

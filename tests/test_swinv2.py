@@ -17,7 +17,8 @@ def randomize(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("name,millions", [("S", 49.0), ("B", 86.9), ("L", 195.2), ("H", 655.2), ("g", 1061.0)])
+@pytest.mark.parametrize("name,millions", [("S", 49.0), ("B", 86.9), ("L", 195.2), ("H", 655.2), ("g", 1061.0),
+                                            ("tiny", 2.3), ("nano", 0.6)])
 def test_parameter_counts(name, millions):
     with torch.device("meta"):  # no memory, no init cost
         model = swinv2.create(name)
