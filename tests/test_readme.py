@@ -30,3 +30,23 @@ def test_readme_commands_parse():
             module.get_parser().parse_args(argv)
         except SystemExit:
             raise AssertionError(f"README command does not parse: {line}")
+
+
+def test_miniature_script_commands_parse():
+    """miniature.sh's python commands, with its loop variables filled in, parse and resolve."""
+    text = open(os.path.join(ROOT, "miniature.sh")).read().replace("\\\n", " ")
+    values = {"$model": "nano", "$frac": "0.01", "$iters": "150", "$run": "out/mini/x", "$scratch": "out/mini/s",
+              "$OUT": "out/mini", "$FIGS": "miniature"}
+    found = set()
+    for line in text.splitlines():
+        words = shlex.split(line.split("#")[0]) if "python " in line and ".py" in line else []
+        if "python" not in words or not words[words.index("python") + 1].endswith(".py"):
+            continue
+        i = words.index("python") + 1
+        argv = [re.sub(r"\$\w+", lambda m: values[m.group(0)], w) for w in words[i + 1:]]
+        module = importlib.import_module(words[i][:-3])
+        args = module.get_parser().parse_args(argv)
+        if hasattr(module, "resolve"):
+            module.resolve(args, 1)  # the flags are valid together, not only parseable
+        found.add(words[i])
+    assert found == {"mim.py", "finetune.py", "analyze.py"}, found
