@@ -310,7 +310,8 @@ def main(argv=None):
     if world > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     run_info = dict(identity, data=args.data, task=r["task"], train_images=N, steps_per_epoch=spe, epochs=r["epochs"],
-                    warmup_iters=r["warmup_iters"], peak_lr=r["peak_lr"], layer_decay=r["layer_decay"], seed=args.seed,
+                    warmup_iters=r["warmup_iters"], peak_lr=r["peak_lr"], layer_decay=r["layer_decay"], aug=r["aug"],
+                    mixup=r["mixup"], cutmix=r["cutmix"], seed=args.seed,
                     world_size=world, micro_batch=r["micro_batch"], accum=r["accum"], torch=str(torch.__version__))
     if master:
         mim.save_json(os.path.join(out_dir, "args.json"), dict(vars(args), run=run_info, pretrained=pretrained))
