@@ -362,14 +362,9 @@ def main(argv=None):
             loss_sum, loss_n, bad, t0 = 0.0, 0, 0, time.time()
         preempted = stop.should_stop(device)
         if end_of_epoch or preempted:
-            if master:
-                mim.save_checkpoint(ckpt_path, raw_model, optimizer, done, args=vars(args), run=run_info, pretrained=pretrained,
-                                    model_config=swinv2.model_config(raw_model), state=state)
-            if dist.is_initialized():
-                dist.barrier()
-        if preempted:
-            print0(f"SIGTERM: saved {ckpt_path} at step {done}; run the same command again to resume")
-            sys.exit(0)
+            mim.checkpoint_boundary(master, lambda: mim.save_checkpoint(
+                ckpt_path, raw_model, optimizer, done, args=vars(args), run=run_info, pretrained=pretrained,
+                model_config=swinv2.model_config(raw_model), state=state), preempted, ckpt_path, done)
     bar.close()
     stop.restore()
 

@@ -300,6 +300,18 @@ def optimizer_step(raw_model, optimizer, clip_grad, skipped_in_row, step, ckpt_p
     return grad_norm, skipped_in_row
 
 
+def checkpoint_boundary(master, save, preempted, ckpt_path, step):
+    """A step boundary that saves: rank 0 writes the checkpoint (save()), every rank waits for it, so no
+    rank starts the next step or exits before the file is complete; on SIGTERM all ranks then exit 0."""
+    if master:
+        save()
+    if dist.is_initialized():
+        dist.barrier()
+    if preempted:
+        print0(f"SIGTERM: saved {ckpt_path} at step {step}; run the same command again to resume")
+        sys.exit(0)
+
+
 def atomic_write(path, write):
     """Write via a temp file, fsync, rename: a reader (or a restart after a kill) sees the old file or
     the new one, never half of one."""
@@ -559,13 +571,8 @@ def main(argv=None):
                 save_pictures(os.path.join(out_dir, f"recon_{done:07d}.png"), raw_model, val_stream, masks, device)
         preempted = stop.should_stop(device)
         if done % r["save_every"] == 0 or last or preempted:
-            if master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, done, **meta())
-            if dist.is_initialized():
-                dist.barrier()
-        if preempted:
-            print0(f"SIGTERM: saved {ckpt_path} at step {done}; restart with the same --out_dir to resume")
-            sys.exit(0)
+            checkpoint_boundary(master, lambda: save_checkpoint(ckpt_path, raw_model, optimizer, done, **meta()),
+                                preempted, ckpt_path, done)
     bar.close()
     stop.restore()
 
