@@ -5,8 +5,9 @@ How does fine-tuning accuracy grow with data and training length? How well do th
 train and validation losses predict it (Pearson r over all runs, the overfitting ones, the rest)?
 Reads only files on disk, never torch: run directories of mim.py and finetune.py (a fine-tuning
 run is paired with its pre-training run through its summary.json and gives its best_top1 and
-best_top5 as the columns {task}_top1, {task}_top5), a table (--csv), or the authors' 63 released
-runs (--paper, paper_runs.csv). Each source (ours, paper) gets its own tables and figures.
+best_top5 as the columns {task}_top1, {task}_top5; several fine-tunings of one run, e.g. seeds,
+give their mean), a table (--csv), or the authors' 63 released runs (--paper, paper_runs.csv).
+Each source (ours, paper) gets its own tables and figures.
 
     python analyze.py                        # every run in out/*
     python analyze.py 'out/B_*' --paper      # our B runs next to the paper's numbers
@@ -142,6 +143,7 @@ def load_runs(paths):
             note(f"{d}: no summary.json, args.json or log.jsonl, skipped")
     rows = [r for r in rows if r]
     by_dir = {os.path.realpath(r["run_dir"]): r for r in rows}
+    scores = {}  # (id of the row, column) -> (row, the fine-tunings' values)
     for d, s in finetunes:
         p = s.get("pretrained") or {}
         r = by_dir.get(os.path.realpath(str(p["run_dir"]))) if p.get("run_dir") else None
@@ -154,9 +156,14 @@ def load_runs(paths):
         if r is None:
             note(f"{d}: pre-training run {p.get('run_dir') or '(none, from scratch)'} not found, skipped")
             continue
-        for k in ("top1", "top5"):  # the best epoch, as the paper reports; several fine-tunings: the best
-            v, col = num(s.get(f"best_{k}")), f"{s.get('task', 'ft')}_{k}"
-            r[col] = max(v, r.get(col) or v) if v is not None else r.get(col)
+        for k in ("top1", "top5"):  # the best epoch of a fine-tuning, as the paper reports
+            v = num(s.get(f"best_{k}"))
+            if v is not None:
+                scores.setdefault((id(r), f"{s.get('task', 'ft')}_{k}"), (r, []))[1].append(v)
+    # several fine-tunings of one pre-training (seeds): their mean. At small scale one fine-tuning's
+    # seed moves top-1 by several points, and the best of n seeds would reward noise.
+    for (_, col), (r, vs) in scores.items():
+        r[col] = sum(vs) / len(vs)
     return rows
 
 

@@ -117,6 +117,19 @@ def test_run_directories_are_read_and_paired(tmp_path, capsys, case):
     assert "in1k_top1" not in partial
 
 
+def test_several_fine_tunings_of_one_run_give_their_mean(tmp_path):
+    run_dir = str(tmp_path / "out" / "B_frac0.1")
+    fake_runs(tmp_path / "out", run_dir)  # ft_B: 61.5 / 85.0
+    for seed, (top1, top5) in enumerate([(58.0, 83.0), (64.0, 90.0)], start=1):
+        write_run(tmp_path / "out" / f"ft_B_s{seed}", {"task": "in1k"}, [], dict(
+            kind="finetune", task="in1k", best_top1=top1, best_top5=top5, pretrained=dict(
+                path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100)))
+    rows = {r["data"]: r for r in analyze.load_runs([str(tmp_path / "out" / "*")])}
+    r = rows["imagenet 10%"]
+    assert r["in1k_top1"] == pytest.approx((61.5 + 58.0 + 64.0) / 3) and r["in1k_top5"] == pytest.approx(86.0)
+    assert "in1k_top1" not in rows["synthetic 10%"]
+
+
 def test_figures_and_outputs_with_the_paper_alongside(tmp_path, capsys):
     fake_runs(tmp_path / "out", str(tmp_path / "out" / "B_frac0.1"))
     out = tmp_path / "analysis"

@@ -36,7 +36,7 @@ def test_miniature_script_commands_parse():
     """miniature.sh's python commands, with its loop variables filled in, parse and resolve."""
     text = open(os.path.join(ROOT, "miniature.sh")).read().replace("\\\n", " ")
     values = {"$model": "nano", "$frac": "0.01", "$iters": "150", "$run": "out/mini/x", "$scratch": "out/mini/s",
-              "$OUT": "out/mini", "$FIGS": "miniature"}
+              "$OUT": "out/mini", "$FIGS": "miniature", "$seed": "1"}
     found = set()
     for line in text.splitlines():
         words = shlex.split(line.split("#")[0]) if "python " in line and ".py" in line else []
