@@ -174,7 +174,7 @@ def get_parser():
 # 15 px window, 0.576 -> 0.547 without), so the demo would show nothing.
 RECIPES = {
     "paper": dict(iters=500000, batch_size=2048, lr=1e-4, mask_patch=32, norm_target=47, eval_every=5000, log_every=50, save_every=1000),
-    "tiny": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10, save_every=50),
+    "cpu": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10, save_every=50),
 }
 
 
@@ -185,7 +185,7 @@ def resolve(args, world_size):
         raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
     if not 0 < args.frac <= 1:
         raise ValueError(f"--frac must be in (0, 1], got {args.frac}")
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "tiny"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     preset = swinv2.PRESETS[args.model]
     r["img_size"] = args.img_size or preset.get("img_size", 192)
