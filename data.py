@@ -120,6 +120,13 @@ class SyntheticImages:
         return len(self.names)
 
     def open(self, i):
+        img, label, _ = self.scene(i)
+        return img, label
+
+    def scene(self, i):
+        """(PIL image, class label, objects): objects lists (class, (S, S) bool mask of its visible pixels)
+        for the main shape and the small distracting one (a plain shape of a random kind, class = kind),
+        the instances and per-pixel labels of detect.py and segment.py."""
         S, label = SYNTHETIC_SIZE, int(self.targets[i])
         # train and val draw from different seed sequences, so the splits never share an image
         rng = np.random.default_rng([("train", "val").index(self.split), i])
@@ -132,13 +139,17 @@ class SyntheticImages:
         fill = fg if label < 5 else np.where(_stripes(rng, 4, 9) > 0, fg, 0.25 * fg)
         r = rng.uniform(0.18, 0.34) * S
         cx, cy, rot = rng.uniform(r, S - r), rng.uniform(r, S - r), rng.uniform(0, 6.3)
-        img = np.where(_shape_mask(label % 5, cx, cy, r, rot), fill, img)  # (3, S, S)
+        main = _shape_mask(label % 5, cx, cy, r, rot)
+        img = np.where(main, fill, img)  # (3, S, S)
         cx, cy, small_r, rot = rng.uniform(0, S), rng.uniform(0, S), rng.uniform(4, 8), rng.uniform(0, 6.3)
-        img = np.where(_shape_mask(rng.integers(5), cx, cy, small_r, rot), rng.random((3, 1, 1), np.float32), img)
+        kind = int(rng.integers(5))
+        small = _shape_mask(kind, cx, cy, small_r, rot)
+        img = np.where(small, rng.random((3, 1, 1), np.float32), img)
         # faint sensor-like noise: the locally normalised SimMIM target amplifies noise in flat regions,
         # and unpredictable noise would dominate the loss
         img += rng.uniform(0.0, 0.03) * (rng.random((S, S), dtype=np.float32) - 0.5)
-        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0), "RGB"), label
+        objects = [(label, main & ~small), (kind, small)]  # the small shape is drawn on top
+        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0), "RGB"), label, objects
 
 
 def open_dataset(path, split="train"):

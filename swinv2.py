@@ -203,10 +203,15 @@ class Stage(nn.Module):
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x):
+    def forward_blocks(self, x):
+        """(B, res*res, C) -> (B, res*res, C): the blocks, without the patch merging."""
         for block in self.blocks:
             # activation checkpointing: keep only block inputs, recompute the rest in backward (+1 forward)
             x = checkpoint(block, x, use_reentrant=False) if self.grad_ckpt and self.training else block(x)
+        return x
+
+    def forward(self, x):
+        x = self.forward_blocks(x)
         return self.downsample(x, self.res) if self.downsample is not None else x
 
 
@@ -237,6 +242,7 @@ class SwinV2Config:
     patch_size: int = 4
     num_classes: int = 0  # 0: no head, forward returns pooled features
     drop_path_rate: float = 0.0
+    pyramid: bool = False  # dense tasks: a LayerNorm per stage output (forward_pyramid) instead of norm + head
     window_sizes: tuple = field(init=False)  # the effective per-stage windows, e.g. (12, 12, 12, 6)
 
     def __post_init__(self):
@@ -282,8 +288,11 @@ class SwinV2(nn.Module):
             start = sum(cfg.depths[:i])
             self.layers.append(Stage(dims[i], res // 2**i, cfg.depths[i], dims[i] // cfg.head_dim, cfg.window_sizes[i],
                                      cfg.pretrained_window_sizes[i], drop_paths[start:start + cfg.depths[i]], i < n - 1))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        if cfg.pyramid:  # one norm per stage output, as the official Swin detection backbone; no final norm, no head
+            self.pyramid_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        else:
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(self._init_weights)
         for layer in self.layers:  # res-post-norm starts at zero: each block is the identity at init
             for block in layer.blocks:
@@ -317,6 +326,19 @@ class SwinV2(nn.Module):
         """(B, 3, H, W) -> logits (B, classes), or pooled features (B, 8C) when num_classes=0."""
         return self.head(self.forward_features(x).mean(dim=1))
 
+    def forward_pyramid(self, x):
+        """(B, 3, H, W) -> four maps (B, C * 2^i, H / 2^(i+2), W / 2^(i+2)), strides 4, 8, 16, 32: each
+        stage's tokens before its patch merging, through that stage's own LayerNorm (needs pyramid=True).
+        Detection and segmentation heads (detect.py, segment.py) read these. Inputs are squares whose every
+        stage map tiles with its window (a fixed crop size), so no padding is needed."""
+        x, maps = self.patch_embed(x), []  # (B, L, C)
+        for layer, norm in zip(self.layers, self.pyramid_norms):
+            x = layer.forward_blocks(x)  # (B, res*res, C_i)
+            maps.append(rearrange(norm(x), "b (h w) c -> b c h w", h=layer.res))  # (B, C_i, res, res)
+            if layer.downsample is not None:
+                x = layer.downsample(x, layer.res)
+        return maps
+
     def layer_id(self, name):
         """Layer id of a parameter for layer-wise LR decay (official rule): the patch embedding (and
         mask token) 0, block j of stage i sum(depths[:i]) + j + 1, the downsample of stage i the id of
@@ -332,11 +354,11 @@ class SwinV2(nn.Module):
 
 
 def create(name, img_size=None, window_size=None, pretrained_window_sizes=None, num_classes=0,
-           drop_path_rate=0.0, grad_ckpt=False) -> SwinV2:
+           drop_path_rate=0.0, grad_ckpt=False, pyramid=False) -> SwinV2:
     """Build a preset by the paper's letter (S, B, L, H, g) or `nano`, `tiny`; None keeps the preset's own value."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
-    kw = dict(PRESETS[name], num_classes=num_classes, drop_path_rate=drop_path_rate)
+    kw = dict(PRESETS[name], num_classes=num_classes, drop_path_rate=drop_path_rate, pyramid=pyramid)
     for key, value in (("img_size", img_size), ("window_size", window_size), ("pretrained_window_sizes", pretrained_window_sizes)):
         if value is not None:
             kw[key] = value
@@ -397,11 +419,12 @@ def load_pretrained(model: SwinV2, checkpoint, strict_head=False):
     if theirs != ours:
         raise ValueError(f"checkpoint is {theirs} but the model is {ours}; pick the matching --model")
     own = model.state_dict()
-    for k in [k for k in sd if k.startswith("head.")]:
+    for k in [k for k in sd if k.startswith(("head.", "norm."))]:
         if k not in own or own[k].shape != sd[k].shape:
-            del sd[k]  # a head for other classes (or none wanted): the new head keeps its init
+            del sd[k]  # a head for other classes, or a pyramid model (no final norm): the new model keeps its init
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not (k.startswith("head.") and not strict_head)] + list(unexpected)
+    new = ("pyramid_norms.",) if strict_head else ("head.", "pyramid_norms.")  # what pre-training never had
+    bad = [k for k in missing if not k.startswith(new)] + list(unexpected)
     if bad:
         raise ValueError(f"checkpoint keys do not match the model: {bad[:10]}{' ...' if len(bad) > 10 else ''}")
     return missing  # the caller reports them (on rank 0)

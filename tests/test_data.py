@@ -202,3 +202,15 @@ def test_finetune_transforms_shapes():
     assert [t.scale for t in light.transforms if hasattr(t, "scale")] == [(0.35, 1.0)]
     ev = data.finetune_transform(32, train=False)
     assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 32, 32)
+
+
+def test_synthetic_scene_objects_are_the_drawn_shapes():
+    ds = data.SyntheticImages("val", 10)
+    for i in range(10):
+        img, label, objects = ds.scene(i)
+        assert np.array_equal(np.asarray(img), np.asarray(ds.open(i)[0])) and label == ds.targets[i]
+        (main_cls, main), (small_cls, small) = objects
+        assert main_cls == label and 0 <= small_cls < 5 and main.sum() > 100 and not (main & small).any()
+        pixels = np.asarray(img).reshape(-1, 3)[main.ravel()]
+        if label < 5:  # a plain shape is one colour (up to the faint noise)
+            assert np.ptp(pixels.astype(int), axis=0).max() <= 12

@@ -208,3 +208,21 @@ def test_parity_with_timm():
     with torch.no_grad():
         a, b = ours(x), theirs(x)
     assert (a - b).abs().max() < 1e-4, f"max diff {(a - b).abs().max():.2e}, mean {(a - b).abs().mean():.2e}"
+
+
+def test_pyramid_maps_are_the_stage_outputs_and_load_pretrained_weights():
+    torch.manual_seed(0)
+    enc = randomize(swinv2.create("tiny"))
+    dense = swinv2.create("tiny", pyramid=True)
+    missing = swinv2.load_pretrained(dense, {"model": {f"encoder.{k}": v for k, v in enc.state_dict().items()}})
+    assert sorted(missing) == [f"pyramid_norms.{i}.{w}" for i in range(4) for w in ("bias", "weight")]
+    assert "norm.weight" not in dense.state_dict() and not hasattr(dense, "head")
+    x = torch.randn(2, 3, 64, 64)
+    maps = dense.eval().forward_pyramid(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+    tokens, enc = enc.patch_embed(x), enc.eval()
+    for i, layer in enumerate(enc.layers):  # stage i's tokens before merging, through a fresh (identity) LayerNorm
+        tokens = layer.forward_blocks(tokens)
+        want = F.layer_norm(tokens, tokens.shape[-1:]).transpose(1, 2).reshape(maps[i].shape)
+        torch.testing.assert_close(maps[i], want)
+        tokens = layer.downsample(tokens, layer.res) if layer.downsample is not None else tokens
