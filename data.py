@@ -365,10 +365,11 @@ def shard(n, rank, world_size):
     return list(range(rank, n, world_size))
 
 
-def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False):
+def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False, collate_fn=None):
     """A DataLoader with the throughput settings. It gets its own generator (so `shuffle` is seeded by 0):
-    DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run."""
+    DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run.
+    collate_fn: e.g. detect.py's, which keeps images of different sizes and their targets as lists."""
     extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator().manual_seed(0),
-                      **extra)
+                      collate_fn=collate_fn, **extra)

@@ -112,16 +112,21 @@ def resolve(args, world_size):
     r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
     name = args.data.rstrip("/")
     r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else os.path.splitext(os.path.basename(name))[0])
-    src = args.pretrained.rstrip("/")
-    src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
-    src = src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
-    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{src}"
+    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{pretrained_name(args.pretrained)}"
     swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))  # checks the window
     return r
 
 
 # -----------------------------------------------------------------------------
 # the pieces: pre-trained weights, layer-wise LR decay, mixing, evaluation
+
+
+def pretrained_name(path):
+    """--pretrained -> the name of the pre-training in default run directories: its run directory's name,
+    the checkpoint file's name, or 'scratch'."""
+    src = path.rstrip("/")
+    src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
+    return src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
 
 
 def read_pretrained(path):
@@ -152,6 +157,14 @@ def read_pretrained(path):
     return ckpt, info
 
 
+def pretrained_windows(ckpt, model_name):
+    """The windows the weights were trained at: ours record them; official checkpoints get the preset's
+    pre-training windows (12,12,12,6); from scratch (ckpt None) 0 = the model's own window."""
+    if ckpt is None:
+        return (0, 0, 0, 0)
+    return tuple(ckpt.get("model_config", {}).get("window_sizes") or swinv2.SwinV2Config(**swinv2.PRESETS[model_name]).window_sizes)
+
+
 def build_model(args, r, ckpt, num_classes):
     """The classifier at the fine-tuning size and window, its encoder loaded from the checkpoint.
     swinv2.load_pretrained keeps `encoder.*` (dropping the decoder and the mask token), renames the
@@ -159,12 +172,9 @@ def build_model(args, r, ckpt, num_classes):
     MLP sees offsets normalised by the *pre-training* window, so 14 extrapolates a little past 12,
     SwinV2 sec. 3.3) and refuses another model size. The head keeps its trunc-normal init (official).
     Returns (model, missing keys)."""
-    # the windows the weights were trained at: ours record them; official checkpoints get the preset's
-    # pre-training windows (12,12,12,6); from scratch 0 = this window
-    windows = (0, 0, 0, 0) if ckpt is None else ckpt.get("model_config", {}).get("window_sizes") or \
-        swinv2.SwinV2Config(**swinv2.PRESETS[args.model]).window_sizes
     torch.manual_seed(args.seed)  # the same head on every rank
-    model = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"], pretrained_window_sizes=tuple(windows),
+    model = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"],
+                          pretrained_window_sizes=pretrained_windows(ckpt, args.model),
                           num_classes=num_classes, drop_path_rate=args.drop_path, grad_ckpt=args.grad_ckpt)
     missing = swinv2.load_pretrained(model, ckpt) if ckpt is not None else []
     # MAE's handshake: only the head may be missing, so a wrong prefix cannot silently load nothing

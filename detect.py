@@ -1,0 +1,425 @@
+"""
+COCO object detection and instance segmentation from a (SimMIM-pre-trained) SwinV2 encoder: two of the
+five downstream metrics of "On Data Scaling in Masked Image Modeling" (arXiv 2206.04664, sec. 4: box AP and
+mask AP of S/B/L on COCO follow the ImageNet trends). The paper published no detection recipe; we adopt the
+closest published ones (reference/downstream.md): torchvision's Mask R-CNN with an FPN over the encoder's
+four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per 16 images, layer-wise decay
+0.9, drop path 0.2, 36 epochs with x0.1 at epochs 27 and 33, and COCO AP from pycocotools' COCOeval.
+
+What this file teaches, in reading order:
+  the recipe -> the backbone torchvision's detectors expect (swinv2.forward_pyramid -> FPN) -> Mask R-CNN
+  with layer ids for layer-wise decay -> COCO as released and the synthetic set as COCO, with the traps
+  (category ids 1..90 with gaps, images without objects, crowd regions, degenerate boxes, grayscale/CMYK)
+  -> large-scale jitter with transforms.v2 -> COCO evaluation gathered over ranks -> a picture of predictions.
+
+    python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k    # CPU, a few minutes
+    python detect.py --model tiny --data synthetic --pretrained none                    # from scratch
+    torchrun --nproc 8 detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k
+    python detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k --eval_only
+
+Inputs are fixed squares, so every stage map tiles with its window: training images are jittered, then
+cropped or padded to the square; evaluation images are resized (longer side to the square) and padded, by
+torchvision's own GeneralizedRCNNTransform, which also maps the predictions back to the original image.
+"""
+import argparse
+import contextlib
+import io
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork, box_convert
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.transforms import v2
+
+import data
+import finetune
+import mim
+import swinv2
+
+log = logging.getLogger("detect")
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--img_size", type=int, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
+    g.add_argument("--window", type=int, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
+    g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
+    g.add_argument("--fpn_channels", type=int, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 64)")
+    g.add_argument("--rois", type=int, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 128)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
+    g.add_argument("--val_images", type=int, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
+    g.add_argument("--jitter", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
+    g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 4)")
+    g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 3)")
+    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; cpu 50)")
+    g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
+    g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
+    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm, 0 = no clipping (Swin detection configs: none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
+    g.add_argument("--log_every", type=int, default=None, help="steps between log lines; default 50 (cpu 10)")
+    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    return p
+
+
+# The flags a preset decides: downstream.md's COCO recipe for S..g; for nano and tiny a CPU-minutes recipe on
+# the 96 px synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and
+# fewer sampled RoIs (two objects per image), milder jitter and a higher LR for a few hundred steps.
+RECIPES = {
+    "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
+                  milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
+    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=64, rois=128, jitter=(0.5, 1.5), epochs=4,
+                milestones=(3,), warmup_iters=50, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
+}
+
+
+def resolve(args, world_size):
+    """Validate the flags and derive the run's numbers in one visible place; args is never modified.
+    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: main.)"""
+    if args.model not in swinv2.PRESETS:
+        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
+    r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
+    if r["epochs"] <= 0 or r["batch_size"] <= 0 or r["warmup_iters"] < 0:
+        raise ValueError(f"need --epochs > 0, --batch_size > 0, --warmup_iters >= 0; got {r['epochs']}, {r['batch_size']}, {r['warmup_iters']}")
+    if list(r["milestones"]) != sorted(r["milestones"]) or not all(0 < m <= r["epochs"] for m in r["milestones"]):
+        raise ValueError(f"--milestones {' '.join(map(str, r['milestones']))} must be increasing epochs in 1..{r['epochs']} (--epochs)")
+    if not 0 < r["jitter"][0] <= r["jitter"][1]:
+        raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g} must satisfy 0 < MIN <= MAX")
+    if r["fpn_channels"] <= 0 or r["rois"] <= 0:
+        raise ValueError(f"--fpn_channels and --rois must be positive, got {r['fpn_channels']}, {r['rois']}")
+    B = r["batch_size"]
+    r["micro_batch"] = args.micro_batch or B // world_size
+    if r["micro_batch"] <= 0 or B % (r["micro_batch"] * world_size):
+        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {r['micro_batch']} x {world_size} processes")
+    r["accum"] = B // (r["micro_batch"] * world_size)
+    r["peak_lr"] = r["lr"] * B / 16  # linear scaling rule; the detection recipes give the LR at batch 16
+    r["task"] = "synthetic" if args.data == "synthetic" or args.data.startswith("synthetic:") else "coco"
+    r["out_dir"] = args.out_dir or f"out/det_{r['task']}_{args.model}_{finetune.pretrained_name(args.pretrained)}"
+    try:  # checks that the windows tile every stage's map of the square input
+        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
+    except ValueError as e:
+        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
+    return r
+
+
+def get_lr(step, r):
+    """LR of step `step` (the 3x schedule): linear warmup from 0.001 x peak over warmup_iters (detectron2's
+    default), then the peak, x0.1 after each milestone epoch."""
+    if step < r["warmup_iters"]:
+        return r["peak_lr"] * (0.001 + 0.999 * step / r["warmup_iters"])
+    return r["peak_lr"] * 0.1 ** sum(step >= m * r["steps_per_epoch"] for m in r["milestones"])
+
+
+# -----------------------------------------------------------------------------
+# the detector: SwinV2 pyramid -> FPN -> torchvision's Mask R-CNN
+
+
+class SwinFPN(nn.Module):
+    """The backbone torchvision's detectors expect: (B, 3, S, S) -> an OrderedDict of five maps with
+    `out_channels` channels. The FPN (Lin et al. 2017) turns swinv2's four stage maps (strides 4-32, C..8C
+    channels, each through its own LayerNorm) into '0'..'3' with top-down sums and 3x3 convs, and
+    LastLevelMaxPool adds 'pool' (stride 64) for the largest anchors, as torchvision's ResNet-FPN does."""
+
+    def __init__(self, encoder: swinv2.SwinV2, channels):
+        super().__init__()
+        self.encoder, self.out_channels = encoder, channels
+        dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
+        self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, x):
+        maps = self.encoder.forward_pyramid(x)  # [(B, C * 2^i, S / 2^(i+2), S / 2^(i+2))]
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+
+class Detector(MaskRCNN):
+    """torchvision's Mask R-CNN on SwinFPN, K classes + background. Its GeneralizedRCNNTransform normalises
+    and resizes images so the longer side is S (min_size = max_size = S; a training image, already S x S, is
+    left as it is), then pads the batch to S x S (size_divisible = S): the fixed square every stage window
+    tiles. Predictions come back at each input's own size. With C = 256 the heads are torchvision's defaults
+    (box head 1024 = 4C, mask head 4 convs of C). `cfg` and `layer_id` let finetune.param_groups apply
+    layer-wise LR decay: encoder parameters get swinv2's layer ids, all new layers the top id (full LR)."""
+
+    def __init__(self, encoder: swinv2.SwinV2, num_classes, img_size, channels=256, rois=512):
+        K = num_classes + 1  # label 0 is the background
+        super().__init__(SwinFPN(encoder, channels), min_size=img_size, max_size=img_size, size_divisible=img_size,
+                         image_mean=list(data.IMAGENET_MEAN), image_std=list(data.IMAGENET_STD),
+                         box_head=TwoMLPHead(channels * 7 * 7, 4 * channels), box_predictor=FastRCNNPredictor(4 * channels, K),
+                         mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1), mask_predictor=MaskRCNNPredictor(channels, channels, K),
+                         box_batch_size_per_image=rois)
+        self.cfg = encoder.cfg
+
+    def layer_id(self, name):
+        prefix = "backbone.encoder."
+        return self.backbone.encoder.layer_id(name[len(prefix):]) if name.startswith(prefix) else sum(self.cfg.depths) + 1
+
+
+def build_model(args, r, ckpt, num_classes):
+    """The detector at the input size and window, its encoder loaded from the checkpoint as for classification
+    (swinv2.load_pretrained; the window change goes through the pre-training windows, SwinV2 sec. 3.3). Only
+    the per-stage norms are new in the encoder. Returns (model, missing encoder keys)."""
+    torch.manual_seed(args.seed)  # the same new layers on every rank
+    encoder = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"], pyramid=True,
+                            pretrained_window_sizes=finetune.pretrained_windows(ckpt, args.model),
+                            drop_path_rate=r["drop_path"], grad_ckpt=args.grad_ckpt)
+    missing = swinv2.load_pretrained(encoder, ckpt) if ckpt is not None else []
+    if not all(k.startswith("pyramid_norms.") for k in missing):
+        raise ValueError(f"--pretrained: expected only the pyramid norms to be missing, got {missing}")
+    return Detector(encoder, num_classes, r["img_size"], r["fpn_channels"], r["rois"]), missing
+
+
+# -----------------------------------------------------------------------------
+# data: COCO as released, the synthetic set as COCO, targets for torchvision
+
+
+class SyntheticCoco(CocoDetection):
+    """data.SyntheticImages as a COCO dataset held in memory: the main shape and the small distracting shape of
+    each image are its instances (category id = class + 1, an RLE mask of the visible pixels, its box), so
+    training and evaluation below treat it exactly like COCO. Only the image loading differs."""
+
+    def __init__(self, images: data.SyntheticImages):
+        VisionDataset.__init__(self, root=None)
+        self.images, anns = images, []
+        for i in range(len(images)):
+            for cls, m in images.scene(i)[2]:
+                if m.any():  # the small shape can fall outside the image
+                    rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                    anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
+                                     bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
+        S = data.SYNTHETIC_SIZE
+        self.coco = coco_from_dict(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
+                                        annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]))
+        self.ids = list(range(len(images)))
+
+    def _load_image(self, id):
+        return self.images.scene(id)[0]
+
+
+def coco_from_dict(dataset):
+    """A pycocotools COCO object from an in-memory annotation dict (quietly: pycocotools prints progress)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def open_coco(path, split):
+    """--data -> a CocoDetection of `split` (train or val): a COCO folder as released, or 'synthetic[:N]'
+    (N training images, 500 validation images). CocoDetection decodes every image to RGB, grayscale and CMYK too."""
+    if path == "synthetic" or path.startswith("synthetic:"):
+        return SyntheticCoco(data.open_dataset(path, split))
+    ann, images = os.path.join(path, "annotations", f"instances_{split}2017.json"), os.path.join(path, f"{split}2017")
+    if not (os.path.isfile(ann) and os.path.isdir(images)):
+        raise FileNotFoundError(f"--data {path}: no annotations/instances_{split}2017.json and {split}2017/ (want COCO as released, or 'synthetic[:N]')")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return CocoDetection(images, ann)
+
+
+class Instances:
+    """(image, target) pairs in torchvision's detection format from a CocoDetection. torchvision's v2 wrapper
+    turns the annotations into tv_tensors (XYXY boxes; masks decoded from polygons or RLE), so the v2
+    transforms move them with the image. Then the COCO traps: category ids (1..90 with gaps in COCO) become
+    labels 1..K (torchvision wants contiguous labels, 0 = background; `cat_ids[label - 1]` maps back); crowd
+    regions are dropped (they are 'ignore' regions, which only COCOeval knows how to use); an image without
+    annotations gets empty targets (a valid negative example for Mask R-CNN)."""
+
+    def __init__(self, coco_set: CocoDetection):
+        self.coco_set, self.coco = coco_set, coco_set.coco
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
+        self.wrapped = wrap_dataset_for_transforms_v2(coco_set, target_keys={"boxes", "masks", "labels", "iscrowd"})
+
+    def __len__(self):
+        return len(self.coco_set)
+
+    def __getitem__(self, i):
+        image, t = self.wrapped[i]  # a PIL RGB image, the wrapped annotations
+        size = (image.height, image.width)
+        if "boxes" not in t:  # no annotations at all
+            t = dict(boxes=torch.zeros(0, 4), masks=torch.zeros(0, *size, dtype=torch.uint8), labels=torch.zeros(0, dtype=torch.int64), iscrowd=[])
+        keep = torch.tensor(t["iscrowd"], dtype=torch.bool).logical_not()
+        return image, dict(boxes=tv_tensors.BoundingBoxes(t["boxes"][keep], format="XYXY", canvas_size=size),
+                           masks=tv_tensors.Mask(t["masks"][keep]),
+                           labels=torch.tensor([self.label[int(c)] for c in t["labels"][keep]], dtype=torch.int64))
+
+
+def train_transform(size, jitter):
+    """Large-scale jitter (Ghiasi et al. 2021, as in ViTDet and the SimMIM detection config): resize by a random
+    factor in `jitter` times the scale that fits the image in the size x size square, then a random size x size
+    crop, padding with the mean colour where the image is smaller (the pad normalises to 0, as the evaluation
+    batch's padding); then a horizontal flip. torchvision moves boxes and masks with the image and clips the
+    boxes to the crop; SanitizeBoundingBoxes drops boxes left under 1 px (cropped away, tiny, or degenerate in
+    the annotations) with their masks and labels."""
+    mean = tuple(round(255 * m) for m in data.IMAGENET_MEAN)
+    return v2.Compose([v2.ToImage(), v2.ScaleJitter((size, size), jitter),
+                       v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: mean, "others": 0}),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()])
+
+
+to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])  # PIL -> (3, H, W) in [0, 1]
+READ_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's failures on a bad file
+
+
+class PairStream(data.TrainStream):
+    """data.TrainStream for (image, target) pairs: stream position p is image perm_e[p % n] of pass e = p // n,
+    with its jitter, crop and flip seeded by (seed, p), so step s gets the same global batch for any world size
+    or accumulation and a resumed run continues exactly. An unreadable image is logged, counted and replaced by
+    the next position's. Items: (image (3, S, S), target dict of plain tensors, number replaced)."""
+
+    def __init__(self, instances: Instances, transform, seed):
+        super().__init__(instances, np.arange(len(instances)), transform, seed)
+
+    def __getitem__(self, pos):
+        for bad in range(data.MAX_BAD):
+            i = self.index(pos + bad)
+            with torch.random.fork_rng(devices=[]):  # the same seeding as data.TrainStream
+                torch.default_generator.manual_seed(int(np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)))
+                try:
+                    image, target = self.transform(*self.dataset[i])
+                except READ_ERRORS as e:
+                    log.warning(f"unreadable image {self.dataset.coco_set.ids[i]} ({type(e).__name__}: {e}); replaced by another sample")
+                    continue
+            return image, {k: v.as_subclass(torch.Tensor) for k, v in target.items()}, bad
+        raise RuntimeError(f"{data.MAX_BAD} unreadable images in a row from stream position {pos}: check --data")
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Validation images at their original size, (3, H, W) in [0, 1], with their COCO image ids: the model's
+    transform resizes and pads them, and maps its predictions back to this size."""
+
+    def __init__(self, coco_set: CocoDetection, indices):
+        self.coco_set, self.indices = coco_set, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        k = self.indices[i]
+        return to_tensor(self.coco_set[k][0]), self.coco_set.ids[k]
+
+
+def collate(batch):
+    """Images and targets stay lists (Mask R-CNN takes a list; evaluation images differ in size)."""
+    return tuple(list(x) for x in zip(*batch))
+
+
+# -----------------------------------------------------------------------------
+# evaluation: COCO AP with pycocotools, gathered over ranks
+
+
+def coco_results(pred, image_id, cat_ids):
+    """One image's predictions (torchvision's output at the original image size) -> COCO result dicts: XYWH
+    boxes, the dataset's own category ids, masks thresholded at 0.5 and RLE-encoded."""
+    n = len(pred["scores"])
+    if n == 0:
+        return []
+    boxes = box_convert(pred["boxes"].float(), "xyxy", "xywh").tolist()
+    masks = (pred["masks"][:, 0] > 0.5).cpu().numpy()  # (N, H, W)
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))  # wants (H, W, N)
+    return [dict(image_id=int(image_id), category_id=cat_ids[int(label) - 1], bbox=box, score=float(score),
+                 segmentation=dict(size=rle["size"], counts=rle["counts"].decode()))
+            for box, score, label, rle in zip(boxes, pred["scores"].tolist(), pred["labels"].tolist(), rles)]
+
+
+AP_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")  # COCOeval.stats[:6]: AP@[.5:.95], @.5, @.75, small/medium/large
+
+
+def coco_ap(coco_gt, results, image_ids):
+    """COCOeval (pycocotools, the reference evaluator) of boxes and masks on image_ids -> {box_ap, box_ap50, ...,
+    mask_apl} in percent (None where no ground truth falls in an area range). Crowd annotations are ignore
+    regions there. As detectron2, a mask result's area and box come from its mask (loadRes then computes them)."""
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own table
+        for iou_type, name, drop in (("bbox", "box", "segmentation"), ("segm", "mask", "bbox")):
+            res = [{k: v for k, v in d.items() if k != drop} for d in results]
+            dt = coco_gt.loadRes(res) if res else coco_from_dict(dict(coco_gt.dataset, annotations=[]))
+            E = COCOeval(coco_gt, dt, iou_type)
+            E.params.imgIds = sorted(image_ids)
+            E.evaluate()
+            E.accumulate()
+            E.summarize()
+            out.update({f"{name}_{k}": 100 * float(v) if v >= 0 else None for k, v in zip(AP_NAMES, E.stats[:6])})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, coco_gt, cat_ids, device, ctx):
+    """Box and mask AP in percent of the raw (unwrapped) model on the loader's images. Each rank predicts its
+    shard (data.shard: every image exactly once), rank 0 gathers the COCO results of all ranks and runs
+    COCOeval, and every rank returns its numbers, which are the same for any world size."""
+    model.eval()
+    results, image_ids = [], []
+    for images, ids in loader:
+        with ctx:
+            preds = model([x.to(device, non_blocking=True) for x in images])
+        for pred, image_id in zip(preds, ids):
+            results += coco_results(pred, image_id, cat_ids)
+        image_ids += ids
+    model.train()
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (results, image_ids))
+        results, image_ids = [r for p in parts for r in p[0]], [i for p in parts for i in p[1]]
+    metrics = [coco_ap(coco_gt, sorted(results, key=lambda d: d["image_id"]), image_ids) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+@torch.no_grad()
+def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.5, size=320):
+    """Predicted masks and boxes (class and score) with score >= min_score on n validation images, drawn by
+    torchvision on each image enlarged so its longer side is `size`, side by side in one PNG."""
+    model.eval()
+    tiles = []
+    for k in indices[:n]:
+        image = v2.functional.to_image(coco_set[k][0])  # (3, H, W) uint8
+        pred = model([v2.functional.to_dtype(image, torch.float32, scale=True).to(device)])[0]
+        keep = pred["scores"] >= min_score
+        boxes = tv_tensors.BoundingBoxes(pred["boxes"][keep].float().cpu(), format="XYXY", canvas_size=image.shape[-2:])
+        masks = tv_tensors.Mask(pred["masks"][keep, 0].float().cpu() > 0.5)
+        image, boxes, masks = v2.Resize(None, max_size=size)(image, boxes, masks)  # one geometry for all three
+        labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(pred["labels"][keep], pred["scores"][keep])]
+        drawn = torchvision.utils.draw_segmentation_masks(image, masks.bool(), alpha=0.5)
+        drawn = torchvision.utils.draw_bounding_boxes(drawn, boxes, labels, colors="yellow", width=2)
+        tiles.append(v2.functional.pad(drawn, [0, 0, size - drawn.shape[2], size - drawn.shape[1]]))
+    model.train()
+    grid = torchvision.utils.make_grid(tiles, nrow=len(tiles), padding=4)
+    mim.atomic_write(path, lambda f: f.write(torchvision.io.encode_png(grid).numpy().tobytes()))

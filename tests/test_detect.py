@@ -1,0 +1,277 @@
+"""detect.py: a COCO-format fixture with the traps (category ids with gaps, an image without objects, a crowd RLE
+region, a degenerate box, grayscale and CMYK JPEGs), the geometry of the fixed square input, COCO AP of perfect
+and of shifted predictions, evaluation over two processes, loading an official checkpoint into the backbone."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from pycocotools import mask as mask_util
+
+import data
+import detect
+import finetune
+import mim
+import swinv2
+
+CATS = [dict(id=3, name="car"), dict(id=17, name="cat"), dict(id=90, name="toothbrush")]  # COCO-like gaps
+
+
+def uncompressed_rle(m):
+    """A bool (H, W) mask as COCO's uncompressed RLE (column-major run lengths, starting with a run of 0s):
+    the form of COCO's crowd annotations."""
+    flat = np.asfortranarray(m).ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))  # where the value changes
+    return dict(size=list(m.shape), counts=np.diff(np.concatenate([[0], edges])).tolist())
+
+
+def write_split(root, split, images):
+    """images: [(file name, (H, W), PIL mode, [(category id, (x, y, w, h), iscrowd)])]; objects are rectangles drawn
+    in a colour per category; a crowd region is an uncompressed RLE, the rest polygons."""
+    os.makedirs(root / f"{split}2017", exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    rng = np.random.default_rng(len(split))
+    entries, anns = [], []
+    for image_id, (name, (H, W), mode, objects) in enumerate(images, start=1):
+        pixels = rng.integers(0, 80, (H, W, 3), dtype=np.uint8)
+        for cat, (x, y, w, h), crowd in objects:
+            pixels[y:y + h, x:x + w] = {3: (250, 40, 40), 17: (40, 250, 40), 90: (40, 40, 250)}[cat]
+            m = np.zeros((H, W), bool)
+            m[y:y + h, x:x + w] = True
+            seg = uncompressed_rle(m) if crowd else [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            anns.append(dict(id=len(anns) + 1, image_id=image_id, category_id=cat, bbox=[x, y, w, h], area=w * h, iscrowd=crowd,
+                             segmentation=seg))
+        Image.fromarray(pixels).convert(mode).save(root / f"{split}2017" / name, quality=95)
+        entries.append(dict(id=image_id, file_name=name, height=H, width=W))
+    json.dump(dict(images=entries, annotations=anns, categories=CATS), open(root / "annotations" / f"instances_{split}2017.json", "w"))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """A COCO folder as released, 4 training and 4 validation images, every trap of the real one."""
+    root = tmp_path_factory.mktemp("coco")
+    write_split(root, "train", [
+        ("a.jpg", (48, 64), "RGB", [(3, (4, 6, 20, 16), 0), (17, (30, 20, 24, 20), 0), (90, (10, 10, 0, 6), 0)]),  # degenerate box
+        ("b.jpg", (64, 48), "L", [(90, (8, 8, 30, 40), 0), (17, (0, 40, 48, 24), 1)]),  # grayscale; a crowd region
+        ("c.jpg", (40, 56), "CMYK", [(3, (20, 4, 30, 30), 0)]),  # CMYK
+        ("d.jpg", (56, 40), "RGB", []),  # no objects
+    ])
+    write_split(root, "val", [  # four sizes, so a fake model can tell the images apart by size
+        ("e.jpg", (48, 64), "RGB", [(3, (4, 6, 20, 16), 0), (17, (30, 20, 24, 20), 0)]),
+        ("f.jpg", (64, 48), "L", [(90, (8, 8, 30, 40), 0), (17, (0, 40, 48, 24), 1)]),
+        ("g.jpg", (40, 56), "CMYK", [(3, (20, 4, 30, 30), 0), (90, (2, 2, 12, 10), 0)]),
+        ("h.jpg", (56, 40), "RGB", []),
+    ])
+    return root
+
+
+def tiny_args(extra=()):
+    args = detect.get_parser().parse_args(["--model", "tiny", "--data", "synthetic:8", "--pretrained", "none", *extra])
+    return args, detect.resolve(args, 1)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_coco_traps_become_valid_mask_rcnn_targets(coco):
+    train = detect.Instances(detect.open_coco(str(coco), "train"))
+    assert train.cat_ids == [3, 17, 90] and train.names == ["car", "cat", "toothbrush"]
+    samples = [train[i] for i in range(4)]
+    # grayscale and CMYK come out RGB; category ids 3, 17, 90 become labels 1, 2, 3; the crowd region is dropped
+    assert all(img.mode == "RGB" for img, _ in samples)
+    assert [t["labels"].tolist() for _, t in samples] == [[1, 2, 3], [3], [1], []]
+    assert samples[1][1]["masks"].shape == (1, 64, 48) and samples[3][1]["masks"].shape == (0, 56, 40)
+    assert samples[0][1]["boxes"].tolist()[0] == [4, 6, 24, 22]  # XYXY
+    # the training transform: a fixed 128 x 128 square, float in [0, 1]; the degenerate box is gone with its mask
+    # and label, and every box left has an area and lies in the square
+    stream = detect.PairStream(train, detect.train_transform(128, (0.5, 1.5)), seed=0)
+    for pos in range(12):
+        x, t, bad = stream[pos]
+        assert x.shape == (3, 128, 128) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and bad == 0
+        assert len(t["boxes"]) == len(t["masks"]) == len(t["labels"])
+        assert t["masks"].shape[1:] == (128, 128) and type(t["boxes"]) is torch.Tensor  # plain tensors for the model
+        b = t["boxes"]
+        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all() and (b >= 0).all() and (b <= 128).all()
+    assert 3 not in stream[stream_pos_of(stream, 0)][1]["labels"].tolist()  # image a's degenerate box (label 3) is gone
+    # the same position gives the same sample (resume), another position another draw
+    assert torch.equal(stream[5][0], stream[5][0]) and not torch.equal(stream[5][0], stream[9][0])
+
+
+def stream_pos_of(stream, i):
+    """The first stream position that shows dataset image i."""
+    return next(p for p in range(100) if stream.index(p) == i)
+
+
+def test_synthetic_set_is_a_coco_dataset_of_its_shapes():
+    ds = detect.open_coco("synthetic:6", "train")
+    images = data.SyntheticImages("train", 6)
+    for i in range(6):
+        img, label, objects = images.scene(i)
+        anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=i))
+        visible = [(c, m) for c, m in objects if m.any()]
+        assert [a["category_id"] for a in anns] == [c + 1 for c, _ in visible] and anns[0]["category_id"] == label + 1
+        for a, (_, m) in zip(anns, visible):
+            assert np.array_equal(ds.coco.annToMask(a), m) and a["area"] == m.sum()
+        assert np.array_equal(np.asarray(ds[i][0]), np.asarray(img))
+    assert len(detect.open_coco("synthetic", "val")) == data.SYNTHETIC_VAL
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def test_torchvision_transform_keeps_the_square_and_maps_predictions_back():
+    args, r = tiny_args()
+    model, missing = detect.build_model(args, r, None, 3)
+    assert missing == [] and r["img_size"] == 128
+    t = model.transform
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    # training: a jittered 128 x 128 image and its targets pass unchanged (only normalised)
+    t.train()
+    x = torch.rand(3, 128, 128)
+    target = dict(boxes=torch.tensor([[3.5, 4.0, 60.0, 90.25]]), labels=torch.tensor([1]), masks=(torch.rand(1, 128, 128) > 0.5).byte())
+    images, targets = t([x], [target])
+    assert images.tensors.shape == (1, 3, 128, 128) and images.image_sizes == [(128, 128)]
+    assert torch.allclose(images.tensors[0], (x - mean) / std, atol=1e-6)
+    assert torch.equal(targets[0]["boxes"], target["boxes"]) and torch.equal(targets[0]["masks"], target["masks"])
+    # evaluation: a 60 x 40 image is resized to 128 x 85 (longer side 128) and padded to the square with 0s (the
+    # normalised mean colour); predictions in that frame come back at 60 x 40
+    t.eval()
+    images, _ = t([torch.rand(3, 60, 40)])
+    assert images.tensors.shape == (1, 3, 128, 128) and images.image_sizes == [(128, 85)]
+    assert images.tensors[0, :, :, 85:].abs().max() == 0
+    pred = dict(boxes=torch.tensor([[0.0, 0.0, 85.0, 128.0]]), masks=torch.ones(1, 1, 28, 28), scores=torch.ones(1), labels=torch.ones(1))
+    back = t.postprocess([pred], images.image_sizes, [(60, 40)])[0]
+    assert torch.allclose(back["boxes"], torch.tensor([[0.0, 0.0, 40.0, 60.0]]), atol=0.3)
+    assert back["masks"].shape == (1, 1, 60, 40) and (back["masks"] > 0.5).float().mean() > 0.95  # pasted over the whole image
+    # the whole model runs on the square: five FPN maps at strides 4..64, 64 channels (the cpu recipe)
+    feats = model.backbone(torch.rand(2, 3, 128, 128))
+    assert [(k, tuple(v.shape)) for k, v in feats.items()] == [("0", (2, 64, 32, 32)), ("1", (2, 64, 16, 16)), ("2", (2, 64, 8, 8)),
+                                                              ("3", (2, 64, 4, 4)), ("pool", (2, 64, 2, 2))]
+
+
+def test_layer_decay_reaches_the_encoder_only():
+    args, r = tiny_args()
+    model, _ = detect.build_model(args, r, None, 3)
+    groups = finetune.param_groups(model, 0.05, 0.9)
+    assert len({id(p) for g in groups for p in g["params"]}) == len(list(model.parameters()))
+    where = {n: g for g in groups for n in g["names"]}
+    # tiny: L = 8 blocks; scale 0.9^(9 - id): patch embedding 0, block j of stage i sum(depths[:i]) + j + 1
+    for name, layer in [("backbone.encoder.patch_embed.proj.weight", 0), ("backbone.encoder.layers.1.blocks.0.attn.qkv.weight", 3),
+                        ("backbone.encoder.pyramid_norms.0.weight", 9), ("backbone.fpn.layer_blocks.0.0.weight", 9),
+                        ("rpn.head.conv.0.0.weight", 9), ("roi_heads.mask_predictor.mask_fcn_logits.weight", 9)]:
+        assert where[name]["lr_scale"] == pytest.approx(0.9 ** (9 - layer)), name
+    assert where["backbone.encoder.layers.1.blocks.0.attn.logit_scale"]["weight_decay"] == 0
+    assert where["roi_heads.box_head.fc6.weight"]["weight_decay"] == 0.05
+
+
+def test_official_checkpoint_loads_into_the_detector_backbone(tmp_path):
+    # the official SimMIM format: a `model` wrapper, `encoder.` prefix, persistent shape buffers, rpe_mlp, the
+    # decoder and mask token, no model_config (so the pre-training windows are the tiny preset's 4,4,4,2)
+    torch.manual_seed(1)
+    simmim = mim.SimMIM(swinv2.create("tiny"))
+    official = {k.replace("cpb_mlp", "rpe_mlp"): v for k, v in simmim.state_dict().items()}
+    for k, v in simmim.encoder.named_buffers():
+        if not k.endswith("k_bias"):
+            official[f"encoder.{k}"] = v
+    torch.save({"model": official}, tmp_path / "official.pth")
+    args, r = tiny_args(["--pretrained", str(tmp_path / "official.pth")])
+    ckpt, info = finetune.read_pretrained(args.pretrained)
+    assert info["path"] == str(tmp_path / "official.pth") and info["run_dir"] is None
+    model, missing = detect.build_model(args, r, ckpt, 3)
+    assert sorted(missing) == sorted(f"pyramid_norms.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    encoder = model.backbone.encoder
+    assert encoder.cfg.window_sizes == (4, 4, 4, 4) and encoder.cfg.pretrained_window_sizes == (4, 4, 4, 2)
+    assert encoder.layers[3].blocks[0].attn.relative_coords_table.shape == (7 * 7, 2)  # rebuilt for window 4, not loaded (3 * 3)
+    own, pre = encoder.state_dict(), simmim.encoder.state_dict()
+    assert set(own) - set(pre) == set(missing) and set(pre) - set(own) == {"mask_token", "norm.weight", "norm.bias"}  # no final norm
+    for k in set(own) & set(pre):
+        assert torch.equal(own[k], pre[k]), k
+    with pytest.raises(ValueError, match="SwinV2-nano"):  # another size is refused
+        detect.build_model(tiny_args(["--model", "nano"])[0], tiny_args(["--model", "nano"])[1], ckpt, 3)
+
+
+def test_recipe_follows_the_preset_and_bad_flags_are_named():
+    r = detect.resolve(detect.get_parser().parse_args(["--pretrained", "none"]), 8)
+    assert {k: r[k] for k in ("img_size", "window", "drop_path", "epochs", "milestones", "batch_size", "micro_batch", "layer_decay", "jitter")} == \
+        dict(img_size=1024, window=16, drop_path=0.2, epochs=36, milestones=(27, 33), batch_size=16, micro_batch=2, layer_decay=0.9, jitter=(0.1, 2.0))
+    assert r["peak_lr"] == 1e-4 and r["task"] == "coco" and r["out_dir"] == "out/det_coco_B_scratch"
+    _, r = tiny_args(["--batch_size", "32", "--pretrained", "out/tiny_frac1_0.15k"])
+    assert r["peak_lr"] == pytest.approx(2 * detect.RECIPES["cpu"]["lr"]) and r["out_dir"] == "out/det_synthetic_tiny_tiny_frac1_0.15k"
+    for extra, words in [(["--milestones", "5"], "--milestones"), (["--jitter", "0", "1"], "--jitter"), (["--window", "5"], "--window"),
+                         (["--model", "Z"], "--model"), (["--micro_batch", "3"], "not divisible")]:
+        with pytest.raises(ValueError, match=words):
+            tiny_args(extra)
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+        detect.open_coco("/nonexistent", "train")
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+class FakeDetector(torch.nn.Module):
+    """Returns the validation ground truth (non-crowd) of an image, found by the image's size, as torchvision's
+    predictions at the original size: contiguous labels, boxes shifted right by `shift` pixels, (N, 1, H, W) masks,
+    plus one false positive of low score."""
+
+    def __init__(self, coco_root, shift=0.0):
+        super().__init__()
+        inst = detect.Instances(detect.open_coco(str(coco_root), "val"))
+        self.truth = {}
+        for i in range(len(inst)):
+            img, t = inst[i]
+            H, W = img.height, img.width
+            self.truth[(H, W)] = dict(boxes=t["boxes"].as_subclass(torch.Tensor) + torch.tensor([shift, 0.0, shift, 0.0]),
+                                      labels=t["labels"], masks=t["masks"].float()[:, None], scores=torch.linspace(0.9, 0.8, len(t["labels"])))
+            fp = dict(boxes=torch.tensor([[0.0, 0.0, 5.0, 5.0]]), labels=torch.tensor([1]), masks=torch.zeros(1, 1, H, W), scores=torch.tensor([0.1]))
+            fp["masks"][..., :5, :5] = 1
+            self.truth[(H, W)] = {k: torch.cat([v, fp[k]]) for k, v in self.truth[(H, W)].items()}
+
+    def forward(self, images):
+        return [self.truth[tuple(x.shape[-2:])] for x in images]
+
+
+def evaluate_fixture(model, coco_root, rank=0, world=1, micro_batch=2):
+    val_set = detect.open_coco(str(coco_root), "val")
+    loader = data.make_loader(detect.EvalImages(val_set, range(len(val_set))), micro_batch, sampler=data.shard(len(val_set), rank, world),
+                              collate_fn=detect.collate)
+    return detect.evaluate(model, loader, val_set.coco, sorted(val_set.coco.getCatIds()), torch.device("cpu"), mim.autocast(torch.device("cpu"), "float32"))
+
+
+def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
+    perfect = evaluate_fixture(FakeDetector(coco), coco)
+    # the crowd region is not predicted, and not a miss: COCOeval ignores it; the false positive ranks last
+    assert perfect["box_ap"] == perfect["mask_ap"] == perfect["box_ap50"] == perfect["mask_ap75"] == pytest.approx(100)
+    assert perfect["box_apl"] is None  # no object in the fixture is large (> 96^2 px)
+    shifted = evaluate_fixture(FakeDetector(coco, shift=4.0), coco)
+    assert shifted["box_ap"] < 90 and shifted["box_ap50"] == pytest.approx(100)  # still overlapping > 50 %
+    assert shifted["mask_ap"] == pytest.approx(100)  # the masks did not move
+
+
+def eval_worker(rank, world, coco_root, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    args, r = tiny_args()
+    model, _ = detect.build_model(args, r, None, 3)  # the same random weights on both ranks (seeded)
+    results = [evaluate_fixture(FakeDetector(coco_root, shift=2.0), coco_root, rank, world),
+               evaluate_fixture(model, coco_root, rank, world, micro_batch=1)]
+    json.dump(results, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+def test_two_process_evaluation_equals_one_process(coco, tmp_path):
+    # the first number: shifted ground truth, so each image's results matter (a lost or doubled image changes
+    # AP); the second: a random tiny detector, 100 detections per image
+    args, r = tiny_args()
+    model, _ = detect.build_model(args, r, None, 3)
+    one = [evaluate_fixture(FakeDetector(coco, shift=2.0), coco), evaluate_fixture(model, coco, micro_batch=1)]
+    assert 0 < one[0]["box_ap"] < 100
+    mp.spawn(eval_worker, args=(2, str(coco), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert json.load(open(tmp_path / f"rank{rank}.json")) == json.loads(json.dumps(one))
