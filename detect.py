@@ -26,6 +26,8 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -44,14 +46,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 import data
 import finetune
 import mim
 import swinv2
+from mim import print0
 
-log = logging.getLogger("detect")
+logger = logging.getLogger("detect")
 
 # -----------------------------------------------------------------------------
 # command line
@@ -91,7 +96,6 @@ def get_parser():
     g.add_argument("--log_every", type=int, default=None, help="steps between log lines; default 50 (cpu 10)")
     g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
     return p
 
@@ -314,7 +318,7 @@ class PairStream(data.TrainStream):
                 try:
                     image, target = self.transform(*self.dataset[i])
                 except READ_ERRORS as e:
-                    log.warning(f"unreadable image {self.dataset.coco_set.ids[i]} ({type(e).__name__}: {e}); replaced by another sample")
+                    logger.warning(f"unreadable image {self.dataset.coco_set.ids[i]} ({type(e).__name__}: {e}); replaced by another sample")
                     continue
             return image, {k: v.as_subclass(torch.Tensor) for k, v in target.items()}, bad
         raise RuntimeError(f"{data.MAX_BAD} unreadable images in a row from stream position {pos}: check --data")
@@ -325,7 +329,7 @@ class EvalImages(torch.utils.data.Dataset):
     transform resizes and pads them, and maps its predictions back to this size."""
 
     def __init__(self, coco_set: CocoDetection, indices):
-        self.coco_set, self.indices = coco_set, list(indices)
+        self.coco_set, self.indices = coco_set, [int(i) for i in indices]  # CocoDetection wants Python ints
 
     def __len__(self):
         return len(self.indices)
@@ -410,16 +414,178 @@ def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=
     model.eval()
     tiles = []
     for k in indices[:n]:
-        image = v2.functional.to_image(coco_set[k][0])  # (3, H, W) uint8
+        image = v2.functional.to_image(coco_set[int(k)][0])  # (3, H, W) uint8
         pred = model([v2.functional.to_dtype(image, torch.float32, scale=True).to(device)])[0]
         keep = pred["scores"] >= min_score
         boxes = tv_tensors.BoundingBoxes(pred["boxes"][keep].float().cpu(), format="XYXY", canvas_size=image.shape[-2:])
         masks = tv_tensors.Mask(pred["masks"][keep, 0].float().cpu() > 0.5)
         image, boxes, masks = v2.Resize(None, max_size=size)(image, boxes, masks)  # one geometry for all three
         labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(pred["labels"][keep], pred["scores"][keep])]
-        drawn = torchvision.utils.draw_segmentation_masks(image, masks.bool(), alpha=0.5)
-        drawn = torchvision.utils.draw_bounding_boxes(drawn, boxes, labels, colors="yellow", width=2)
+        drawn = image
+        if keep.any():
+            drawn = torchvision.utils.draw_segmentation_masks(drawn, masks.bool(), alpha=0.5)
+            drawn = torchvision.utils.draw_bounding_boxes(drawn, boxes, labels, colors="yellow", width=2)
         tiles.append(v2.functional.pad(drawn, [0, 0, size - drawn.shape[2], size - drawn.shape[1]]))
     model.train()
     grid = torchvision.utils.make_grid(tiles, nrow=len(tiles), padding=4)
     mim.atomic_write(path, lambda f: f.write(torchvision.io.encode_png(grid).numpy().tobytes()))
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:  # every bad flag, path or checkpoint is refused before any work starts
+        r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
+        train_set, val_set = open_coco(args.data, "train"), open_coco(args.data, "val")
+        train = Instances(train_set)
+        if sorted(val_set.coco.getCatIds()) != train.cat_ids:
+            raise ValueError(f"--data {args.data}: the validation categories are not the training categories")
+        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
+        model, missing = build_model(args, r, ckpt, len(train.cat_ids))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    del ckpt  # the encoder is in the model now
+    rank, local_rank, world, device = mim.setup_distributed()
+    master, out_dir = rank == 0, r["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = mim.autocast(device, args.dtype)
+    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- the numbers of this run: epochs become steps, derived once and printed
+    N, B, K = len(train), r["batch_size"], len(train.cat_ids)
+    spe = max(1, N // B)
+    r.update(steps_per_epoch=spe, iters=r["epochs"] * spe)
+    p = pretrained
+    print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
+           f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
+    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
+                                    if p["run_dir"] else p["path"] or "none: from scratch"))
+    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+    print0(f"{'schedule':>14} {r['epochs']} epochs x {spe} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
+           f"x0.1 after epochs {', '.join(map(str, r['milestones']))}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
+    print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
+           f"warmup {r['warmup_iters']} steps from 0.001x")
+
+    # ---- data: fixed evaluation images, sharded over ranks (the training stream comes with the loop)
+    val_idx = np.arange(len(val_set))
+    if 0 < args.val_images < len(val_set):
+        val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[:args.val_images])
+    val_loader = data.make_loader(EvalImages(val_set, val_idx), r["micro_batch"], sampler=data.shard(len(val_idx), rank, world),
+                                  workers=workers, collate_fn=collate)
+
+    # ---- optimizer: layer-wise decay over the encoder, the full LR for everything new
+    model = raw_model = model.to(device)
+    groups = finetune.param_groups(model, args.weight_decay, r["layer_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda" or None)
+    print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M encoder, "
+           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all; new in the encoder: {', '.join(missing) or 'nothing'}")
+
+    # ---- resume from the run directory's checkpoint, if any
+    ckpt_path, start_step = os.path.join(out_dir, "ckpt.pt"), 0
+    state = dict(metrics=None, skipped_steps=0, bad_images=0)
+    identity = dict(model=args.model, batch_size=B, iters=r["iters"], img_size=r["img_size"], window=r["window"], num_classes=K, task=r["task"])
+    if os.path.exists(ckpt_path):
+        ckpt = mim.load_checkpoint(ckpt_path)
+        if {k: ckpt["run"].get(k) for k in identity} != identity:
+            sys.exit(f"error: {ckpt_path} belongs to another run ({ckpt['run']}); this one is {identity}. Use another --out_dir")
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, state = ckpt["step"], ckpt["state"]
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt
+    elif args.eval_only:
+        sys.exit(f"error: --eval_only needs a trained detector, and {ckpt_path} does not exist")
+
+    def evaluate_and_draw(step):
+        metrics = evaluate(raw_model, val_loader, val_set.coco, train.cat_ids, device, ctx)
+        print0(f"step {step}: box AP {metrics['box_ap']:.2f}, mask AP {metrics['mask_ap']:.2f} on {len(val_idx)} images")
+        if master:
+            save_pictures(os.path.join(out_dir, f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train.names, device)
+        return metrics
+
+    if args.eval_only:
+        metrics = evaluate_and_draw(start_step)
+        if master:
+            mim.save_json(os.path.join(out_dir, "eval.json"), dict(step=start_step, images=len(val_idx), **metrics))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return metrics
+
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    run_info = dict(identity, data=args.data, train_images=N, steps_per_epoch=spe, epochs=r["epochs"], milestones=r["milestones"],
+                    warmup_iters=r["warmup_iters"], peak_lr=r["peak_lr"], layer_decay=r["layer_decay"], jitter=r["jitter"],
+                    fpn_channels=r["fpn_channels"], rois=r["rois"], drop_path=r["drop_path"], seed=args.seed, world_size=world,
+                    micro_batch=r["micro_batch"], accum=r["accum"], torch=str(torch.__version__))
+    if master:
+        mim.save_json(os.path.join(out_dir, "args.json"), dict(vars(args), run=run_info, pretrained=pretrained))
+    log = mim.Log(out_dir, master)
+
+    # ---- the loop
+    stream = PairStream(train, train_transform(r["img_size"], r["jitter"]), args.seed)
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, start_step)
+    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
+    clip = args.clip_grad if args.clip_grad > 0 else float("inf")  # inf: measure the norm (non-finite steps are skipped), never clip
+    stop, skipped_in_row, sums, n_steps, skipped, bad, t0 = mim.StopSignal(), 0, {}, 0, 0, 0, time.time()
+    bar = tqdm(total=r["iters"], initial=start_step, disable=not master, dynamic_ncols=True)
+    for step in range(start_step, r["iters"]):
+        lr = get_lr(step, r)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        for micro in range(r["accum"]):
+            images, targets, n_bad = next(batches)
+            bad += sum(n_bad)
+            images = [x.to(device, non_blocking=True) for x in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            # RoI sampling and drop path are seeded by (seed, step, micro-batch): a resumed run repeats them
+            torch.manual_seed(mim.micro_seed(args.seed, step, micro * world + rank))
+            with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
+                with ctx:
+                    losses = model(images, targets)  # the five Mask R-CNN losses, means over this micro-batch
+                (sum(losses.values()) / r["accum"]).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / r["accum"]
+        grad_norm, skipped_in_row = mim.optimizer_step(raw_model, optimizer, clip, skipped_in_row, step, ckpt_path)
+        skipped += skipped_in_row > 0
+        n_steps, done, last = n_steps + 1, step + 1, step + 1 == r["iters"]
+        bar.update(1)
+
+        if done % r["log_every"] == 0 or last:  # .item() and all_reduce only here: they are sync points
+            keys = sorted(sums)
+            values = mim.all_sum(*(float(sums[k]) for k in keys), bad, skipped, device=device)
+            state["bad_images"], state["skipped_steps"] = state["bad_images"] + int(values[-2]), state["skipped_steps"] + int(values[-1])
+            terms = {k: v / (n_steps * world) for k, v in zip(keys, values)}
+            row = dict(step=done, epoch=done / spe, lr=lr, train_loss=sum(terms.values()), **terms, grad_norm=float(grad_norm),
+                       img_per_s=n_steps * B / (time.time() - t0), bad_images=state["bad_images"], skipped_steps=state["skipped_steps"])
+            log(**row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.2e}")
+            sums, n_steps, skipped, bad, t0 = {}, 0, 0, 0, time.time()
+        if last or args.eval_every and done % (args.eval_every * spe) == 0:
+            state["metrics"] = evaluate_and_draw(done)
+            log(step=done, epoch=done / spe, **state["metrics"])
+        preempted = stop.should_stop(device)
+        if done % r["save_every"] == 0 or last or preempted:
+            mim.checkpoint_boundary(master, lambda: mim.save_checkpoint(
+                ckpt_path, raw_model, optimizer, done, args=vars(args), run=run_info, pretrained=pretrained,
+                model_config=swinv2.model_config(raw_model.backbone.encoder), state=state), preempted, ckpt_path, done)
+    bar.close()
+    stop.restore()
+
+    m = state["metrics"]
+    if master and start_step < r["iters"]:
+        mim.save_json(os.path.join(out_dir, "summary.json"), dict(
+            kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
+            metrics=dict(box_ap=m["box_ap"], mask_ap=m["mask_ap"]), coco_eval=m,
+            skipped_steps=state["skipped_steps"], bad_images=state["bad_images"]))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return m
+
+
+if __name__ == "__main__":
+    main()
