@@ -81,7 +81,7 @@ def get_parser():
     g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 4)")
-    g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 3)")
+    g.add_argument("--milestones", type=float, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 3)")
     g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; cpu 50)")
     g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
     g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
@@ -122,7 +122,7 @@ def resolve(args, world_size):
     if r["epochs"] <= 0 or r["batch_size"] <= 0 or r["warmup_iters"] < 0:
         raise ValueError(f"need --epochs > 0, --batch_size > 0, --warmup_iters >= 0; got {r['epochs']}, {r['batch_size']}, {r['warmup_iters']}")
     if list(r["milestones"]) != sorted(r["milestones"]) or not all(0 < m <= r["epochs"] for m in r["milestones"]):
-        raise ValueError(f"--milestones {' '.join(map(str, r['milestones']))} must be increasing epochs in 1..{r['epochs']} (--epochs)")
+        raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
     if not 0 < r["jitter"][0] <= r["jitter"][1]:
         raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g} must satisfy 0 < MIN <= MAX")
     if r["fpn_channels"] <= 0 or r["rois"] <= 0:
@@ -467,7 +467,7 @@ def main(argv=None):
                                     if p["run_dir"] else p["path"] or "none: from scratch"))
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
     print0(f"{'schedule':>14} {r['epochs']} epochs x {spe} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
-           f"x0.1 after epochs {', '.join(map(str, r['milestones']))}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
+           f"x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
     print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
            f"warmup {r['warmup_iters']} steps from 0.001x")
 

@@ -3,6 +3,7 @@ region, a degenerate box, grayscale and CMYK JPEGs), the geometry of the fixed s
 and of shifted predictions, evaluation over two processes, loading an official checkpoint into the backbone."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -275,3 +276,77 @@ def test_two_process_evaluation_equals_one_process(coco, tmp_path):
     mp.spawn(eval_worker, args=(2, str(coco), str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert json.load(open(tmp_path / f"rank{rank}.json")) == json.loads(json.dumps(one))
+
+
+# -----------------------------------------------------------------------------
+# the script: training on the fixture, resume, bad input
+
+# the smallest detector that runs the whole path: 64 px square (windows 4, 4, 4, 2), a 16-channel FPN, 16 RoIs
+FAST = ["--model", "tiny", "--pretrained", "none", "--img_size", "64", "--fpn_channels", "16", "--rois", "16", "--batch_size", "4",
+        "--micro_batch", "2", "--warmup_iters", "1", "--milestones", "1", "--log_every", "1", "--workers", "0"]
+
+
+def read_log(d):
+    return [json.loads(line) for line in open(d / "log.jsonl")]
+
+
+def test_trains_on_the_coco_fixture_and_evaluates(coco, tmp_path):
+    out = tmp_path / "det"
+    metrics = detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out)])
+    log, summary = read_log(out), json.load(open(out / "summary.json"))
+    # 4 training images at batch 4: 2 steps, one line each with the five Mask R-CNN losses, then the evaluation
+    terms = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert [l["step"] for l in log] == [1, 2, 2] and all(terms | {"train_loss", "lr", "grad_norm"} <= set(l) for l in log[:2])
+    assert log[0]["train_loss"] == pytest.approx(sum(log[0][k] for k in terms)) and np.isfinite(log[1]["train_loss"])
+    assert log[1]["lr"] == pytest.approx(0.1 * log[0]["lr"] / 0.001)  # step 1: warmup start 0.001x; step 2: after milestone 1, x0.1
+    assert log[2]["box_ap"] == metrics["box_ap"] and 0 <= metrics["mask_ap"] <= 100
+    assert summary["kind"] == "detect" and summary["task"] == "coco" and summary["metrics"] == dict(box_ap=metrics["box_ap"], mask_ap=metrics["mask_ap"])
+    assert summary["pretrained"]["path"] is None and (out / "args.json").exists() and (out / "pred_0000002.png").exists()
+    # --eval_only re-measures the checkpoint: the same numbers
+    again = detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"])
+    assert again == metrics and json.load(open(out / "eval.json"))["box_ap"] == metrics["box_ap"]
+
+
+def test_resume_after_sigterm_gives_the_same_weights_and_log(tmp_path, monkeypatch):
+    argv = FAST + ["--data", "synthetic:8", "--epochs", "2", "--val_images", "2", "--out_dir"]
+
+    class PreemptedAtStep2(mim.StopSignal):  # SIGTERM arrives during step 2 of 4
+        def should_stop(self, device):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().should_stop(device)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        detect.main(argv + [str(tmp_path / "straight")])
+        monkeypatch.setattr(mim, "StopSignal", PreemptedAtStep2)
+        with pytest.raises(SystemExit) as e:
+            detect.main(argv + [str(tmp_path / "resumed")])
+        assert e.value.code == 0 and torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
+        monkeypatch.undo()
+        detect.main(argv + [str(tmp_path / "resumed")])  # the same command again: it resumes
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"]), i
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # timing differs
+    assert drop(read_log(tmp_path / "straight")) == drop(read_log(tmp_path / "resumed"))
+
+
+def test_bad_input_is_refused_in_one_line(coco, tmp_path):
+    torch.save({"model": {}}, tmp_path / "empty.pt")
+    torch.save({"model": swinv2.create("tiny").state_dict()}, tmp_path / "tiny.pt")
+    cases = [(["--data", str(tmp_path / "nothing")], "instances_train2017.json"), (["--data", "synthetic:0"], "synthetic"),
+             (["--model", "S", "--pretrained", str(tmp_path / "tiny.pt")], "SwinV2-tiny"), (["--milestones", "9"], "--milestones"),
+             (["--pretrained", str(tmp_path / "no.pt")], "does not exist"), (["--pretrained", str(tmp_path / "empty.pt")], "no SwinV2 encoder")]
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as e:
+            detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(tmp_path / "det")] + extra)
+        msg = str(e.value.code)
+        assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
+    assert not (tmp_path / "det").exists()
