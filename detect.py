@@ -70,8 +70,8 @@ def get_parser():
     g.add_argument("--img_size", type=int, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
     g.add_argument("--window", type=int, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
     g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=int, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 64)")
-    g.add_argument("--rois", type=int, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 128)")
+    g.add_argument("--fpn_channels", type=int, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--rois", type=int, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
@@ -80,15 +80,15 @@ def get_parser():
                    help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
     g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 4)")
-    g.add_argument("--milestones", type=float, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 3)")
-    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; cpu 50)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 1)")
+    g.add_argument("--milestones", type=float, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 0.75)")
+    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2, mmdetection's Swin configs; cpu 25)")
     g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
     g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
     g.add_argument("--lr", type=float, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
     g.add_argument("--layer_decay", type=float, default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm, 0 = no clipping (Swin detection configs: none)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
     g.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
@@ -106,8 +106,8 @@ def get_parser():
 RECIPES = {
     "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
                   milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
-    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=64, rois=128, jitter=(0.5, 1.5), epochs=4,
-                milestones=(3,), warmup_iters=50, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
+    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=1,
+                milestones=(0.75,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
 }
 
 

@@ -150,10 +150,10 @@ def test_torchvision_transform_keeps_the_square_and_maps_predictions_back():
     back = t.postprocess([pred], images.image_sizes, [(60, 40)])[0]
     assert torch.allclose(back["boxes"], torch.tensor([[0.0, 0.0, 40.0, 60.0]]), atol=0.3)
     assert back["masks"].shape == (1, 1, 60, 40) and (back["masks"] > 0.5).float().mean() > 0.95  # pasted over the whole image
-    # the whole model runs on the square: five FPN maps at strides 4..64, 64 channels (the cpu recipe)
+    # the whole model runs on the square: five FPN maps at strides 4..64, 32 channels (the cpu recipe)
     feats = model.backbone(torch.rand(2, 3, 128, 128))
-    assert [(k, tuple(v.shape)) for k, v in feats.items()] == [("0", (2, 64, 32, 32)), ("1", (2, 64, 16, 16)), ("2", (2, 64, 8, 8)),
-                                                              ("3", (2, 64, 4, 4)), ("pool", (2, 64, 2, 2))]
+    assert [(k, tuple(v.shape)) for k, v in feats.items()] == [("0", (2, 32, 32, 32)), ("1", (2, 32, 16, 16)), ("2", (2, 32, 8, 8)),
+                                                              ("3", (2, 32, 4, 4)), ("pool", (2, 32, 2, 2))]
 
 
 def test_layer_decay_reaches_the_encoder_only():
