@@ -219,10 +219,11 @@ def resolve(args, world_size):
 
 def open_splits(data_path, val_path=None):
     """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
-    --data's val split; a folder without val/ is refused, since its 'val' would be the training set."""
+    --data's val split (val/ or val*.json); a path without one is refused, since its 'val' would be the
+    training set."""
     train_set = data.open_dataset(data_path, "train")
-    if val_path is None and not data_path.startswith("synthetic") and not os.path.isdir(os.path.join(data_path, "val")):
-        raise ValueError(f"--data {data_path} has no val/ folder: pass held-out images with --val_data")
+    if val_path is None and not data_path.startswith("synthetic") and data.split_path(data_path, "val") is None:
+        raise ValueError(f"--data {data_path} has no val/ folder or val*.json: pass held-out images with --val_data")
     return train_set, data.open_dataset(val_path or data_path, "val")
 
 
@@ -394,8 +395,9 @@ def estimate_val_loss(model, loader, masks, device, ctx):
     err, count = 0.0, 0.0
     for x, _, idx, _ in loader:
         mask = torch.stack([masks(int(i)) for i in idx]).to(device)
+        x = data.normalize(x.to(device, non_blocking=True))
         with ctx:
-            e, n = model.errors(x.to(device), mask)
+            e, n = model.errors(x, mask)
         err, count = err + e.item(), count + n.item() * x.shape[1]
     model.train()
     err, count = all_sum(err, count, device=device)
@@ -411,7 +413,7 @@ def save_pictures(path, model, val_set, masks, device, n=4):
     import torchvision.utils
 
     model.eval()
-    x = torch.stack([val_set[i][0] for i in range(n)]).to(device)
+    x = data.normalize(torch.stack([val_set[i][0] for i in range(n)]).to(device))
     mask = torch.stack([masks(int(val_set[i][2])) for i in range(n)]).to(device)
     pred = model.predict(x, mask).float()
     if model.norm_target:
@@ -538,10 +540,11 @@ def main(argv=None):
             wait, bad = wait + time.time() - tw, bad + int(n_bad.sum())
             mask = torch.stack([masks(args.seed * 2**40 + int(p)) for p in pos]).to(device, non_blocking=True)
             torch.manual_seed(micro_seed(args.seed, step, micro * world + rank))  # drop path
+            x = data.normalize(x.to(device, non_blocking=True))
             # gradients are all-reduced only on the last micro-step
             with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
                 with ctx:
-                    loss = model(x.to(device, non_blocking=True), mask)
+                    loss = model(x, mask)
                 # gradients add up over micro-steps: divide so their sum is the mean over the global batch
                 (loss / r["accum"]).backward()
             loss_acc += loss.detach() / r["accum"]
