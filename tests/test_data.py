@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import data
 import mim
@@ -115,6 +116,48 @@ def test_loader_same_crops_with_and_without_workers():
         assert a[0].shape == (4, 3, 32, 32)
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_uint8_transport_gives_the_float_pipelines_batch():
+    """Images cross the loader as uint8 and normalize() makes exactly what ToTensor + Normalize made in the worker."""
+    ds = data.open_dataset("synthetic:8")
+    size, float_view = 40, T.Compose([T.Resize(40), T.CenterCrop(40), T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    loader = data.make_loader(data.EvalSet(ds, range(8), data.val_transform(size)), 4, workers=2)
+    assert loader.prefetch_factor == 2
+    batches = list(loader)
+    x = torch.cat([b[0] for b in batches])
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, size, size)
+    assert torch.equal(data.normalize(x), torch.stack([float_view(ds.open(i)[0]) for i in range(8)]))  # bit for bit on CPU
+    assert data.normalize(x.to("meta")).device.type == "meta" and data.normalize(x.float()).equal(x.float())  # floats pass
+    for transform in (data.pretrain_transform(size), data.finetune_transform(size, train=True, aug="light"), data.finetune_transform(size, train=False)):
+        assert transform(ds.open(0)[0]).dtype == torch.uint8
+    assert data.finetune_transform(size, train=True).transforms[-1].value == "random"  # erasing noise: float, normalised
+
+
+class StreamMasks:
+    """mim.py's mask of stream position p, as a picklable per-sample function for TrainStream(extra=...)."""
+    def __init__(self, masks, seed):
+        self.masks, self.seed = masks, seed
+
+    def __call__(self, pos):
+        return self.masks(self.seed * 2**40 + pos)
+
+
+def test_extra_values_are_computed_in_the_workers_and_unchanged():
+    """extra(position) / extra(index) joins each item, computed in the worker: mim.py's masks come out as
+    the training process made them (so an old run resumes with the same masks), the images do not change."""
+    masks = mim.MaskGenerator(32, 16, 4, 0.6)
+    plain, masked = stream(), stream()
+    masked.extra = StreamMasks(masks, seed=5)
+    loader = data.make_loader(masked, 4, sampler=data.StreamSampler(8, 4, start_step=2), workers=2)
+    it = iter(loader)
+    for _ in range(2):
+        x, label, pos, bad, mask = next(it)
+        assert torch.equal(mask, torch.stack([masks(5 * 2**40 + int(p)) for p in pos]))
+        assert torch.equal(x, torch.stack([plain[int(p)][0] for p in pos]))
+    del it, loader
+    val = data.EvalSet(data.open_dataset("synthetic", "val"), [3, 7, 11], data.val_transform(32), extra=masks)
+    assert [torch.equal(val[i][4], masks(index)) for i, index in enumerate([3, 7, 11])] == [True] * 3
 
 
 def test_bad_files_replaced_and_counted_odd_modes_become_rgb(tmp_path, caplog):
