@@ -229,7 +229,7 @@ def test_file_list_dataset(tmp_path):
 
 
 def test_file_list_parses_as_python_would(tmp_path):
-    """The numpy parser against the obvious per-line one, on names with spaces, tabs and non-ASCII
+    """The parser against str.strip().rsplit(maxsplit=1) per line, on names with spaces, tabs and non-ASCII
     characters, CRLF endings, blank lines and stray whitespace."""
     rng = np.random.default_rng(0)
     parts = ["n01440764", "a b", "é", "☃", "x.JPEG", "0", "12", "_"]
