@@ -10,8 +10,7 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
     python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, a minute
     python finetune.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
-    torchrun --nproc 8 finetune.py --model B --data data/inat2018/train2018.json --val_data data/inat2018/val2018.json \
-        --pretrained out/B_frac0.5_125k                                   # iNaturalist 2018: task inat18
+    torchrun --nproc 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k  # its train/val2018.json
     python finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k --eval_only
 
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
