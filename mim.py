@@ -283,10 +283,11 @@ def identity_of(args, r, **content):
 
 def open_splits(data_path, val_path=None):
     """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
-    --data's val split; a folder without val/ is refused, since its 'val' would be the training set."""
+    --data's val split (val/ or val*.json); a path without one is refused, since its 'val' would be the
+    training set."""
     train_set = data.open_dataset(data_path, "train")
-    if val_path is None and not data_path.startswith("synthetic") and not os.path.isdir(os.path.join(data_path, "val")):
-        raise ValueError(f"--data {data_path} has no val/ folder: pass held-out images with --val_data")
+    if val_path is None and not data_path.startswith("synthetic") and data.split_path(data_path, "val") is None:
+        raise ValueError(f"--data {data_path} has no val/ folder or val*.json: pass held-out images with --val_data")
     return train_set, data.open_dataset(val_path or data_path, "val")
 
 

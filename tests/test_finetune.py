@@ -12,6 +12,7 @@ import torch
 import finetune
 import mim
 import swinv2
+from conftest import write_inat18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 training images, global batch 8 in micro-batches of 4: 2 steps per epoch, 4 steps in all
@@ -135,6 +136,22 @@ def test_layer_decay_groups_and_their_learning_rates():
         assert finetune.group_lr(60, s, r) == pytest.approx((1e-3 * s + 2e-6) / 2)  # half-way down the cosine
         assert finetune.group_lr(110, s, r) == pytest.approx(2e-6)
     assert len({finetune.group_lr(10, s, r) for s in scales}) == 10
+
+
+def test_inat18_as_released_fine_tunes_with_its_own_head(tmp_path):
+    """iNat18's json files (three species with ids 3, 17, 42) for one epoch: a 3-way head, task inat18."""
+    write_inat18(tmp_path)
+    out = tmp_path / "ft"
+    argv = ["--model", "tiny", "--data", str(tmp_path / "train2018.json"), "--val_data", str(tmp_path / "val2018.json"),
+            "--pretrained", "none", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--workers", "0"]
+    assert resolved(argv)[1]["task"] == resolved(argv[:2] + ["--data", str(tmp_path)] + argv[6:])[1]["task"] == "inat18"
+    finetune.main(argv + ["--out_dir", str(out)])
+    summary = json.load(open(out / "summary.json"))
+    assert summary["task"] == "inat18" and summary["epochs"] == 1 and 0 <= summary["last_top1"] <= 100
+    assert [(l["epoch"], l["step"]) for l in read_log(out) if "top1" in l] == [(1, 3)]  # 12 images / batch 4
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["head.weight"].shape == (3, 256) and ckpt["identity"]["data_classes"] == 3
+    assert json.load(open(out / "args.json"))["classes"] == ["3", "17", "42"]  # label k is category id classes[k]
 
 
 def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):
