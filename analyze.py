@@ -167,7 +167,7 @@ def load_runs(paths):
         s = summary or args or {}  # a downstream run names its pre-training (pretrained) in both
         if "pretrained" in s and s.get("kind") != "pretrain":
             if summary is None:  # the metrics and the pairing are in the summary
-                note(f"{d}: fine-tuning in progress (no summary.json), skipped")
+                note(f"{d}: downstream run in progress (no summary.json), skipped")
             else:
                 downstream.append((d, summary))
         elif summary or args or log:
