@@ -207,7 +207,8 @@ def test_load_refuses_other_size_and_unknown_keys():
 
 
 def test_parity_with_timm():
-    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2",
+                                  reason="needs timm, the independent reference: pip install -r requirements-test.txt")
     torch.manual_seed(0)
     ours = randomize(swinv2.create("tiny", num_classes=10)).eval()
     theirs = timm_v2.SwinTransformerV2(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
