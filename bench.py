@@ -4,7 +4,7 @@ here, never in the tests. Each mode prints one line per measured configuration.
 
     python bench.py --what simmim --model B --batch 128 --compile      # SimMIM step on a GPU (bf16)
     python bench.py --what encoder --embed_dim 96 --depths 2,2,6,2 --batch 8 --timm   # ours vs timm
-    python bench.py --what data --jpeg_size 500x375                    # decode+crop img/s per worker
+    python bench.py --what data --jpeg_size 500x375,2000x1500          # decode+crop img/s per worker
 """
 import argparse
 import os
@@ -35,7 +35,7 @@ def get_parser():
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--timm", action="store_true", help="encoder mode: also time timm's SwinTransformerV2 at the same config")
     p.add_argument("--data", default=None, help="data mode: a folder of images; default: JPEGs made in a temp folder")
-    p.add_argument("--jpeg_size", default="500x375", help="data mode: WxH of the made JPEGs (ImageNet is ~500x375)")
+    p.add_argument("--jpeg_size", default="500x375", help="data mode: WxH of the made JPEGs, comma-separated (ImageNet is ~500x375)")
     p.add_argument("--images", type=int, default=200, help="data mode: images to decode per measurement")
     return p
 
@@ -132,29 +132,48 @@ def bench_simmim(encoder, args, device, ctx):
     report("simmim", sum(p.numel() for p in encoder.parameters()), sec, args, device)
 
 
+def make_jpegs(folder, w, h, n=20):
+    """n JPEGs of w x h at quality 90 in folder/a: a smooth random field plus a luminance grain, so the files
+    are about as large as photos (500x375: ~95 KB, ImageNet's average is ~110 KB) and decode as slowly."""
+    from PIL import Image
+    os.makedirs(os.path.join(folder, "a"))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0, 12, (h, w, 1))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, "a", f"{i}.jpg"), quality=90)
+
+
 def bench_data(args):
-    """Images/s of one process (= one data-loader worker) through the pre-training transform, with
-    and without JPEG draft decoding."""
-    folder = args.data
-    if folder is None:
-        folder = tempfile.mkdtemp()
-        w, h = (int(v) for v in args.jpeg_size.split("x"))
-        os.makedirs(os.path.join(folder, "a"))
-        from PIL import Image
-        rng = np.random.default_rng(0)
-        for i in range(20):  # smooth random content, so JPEG sizes are realistic
-            small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((w, h), Image.BICUBIC).save(os.path.join(folder, "a", f"{i}.jpg"), quality=90)
-    dataset = data.open_dataset(folder)
+    """Images per CPU-second of one process on one thread (= one data-loader worker) through the
+    pre-training transform: ours (torchvision.io.decode_jpeg for small JPEGs, PIL's reduced-scale decode for
+    large ones, uint8 out) against the plain PIL/torchvision pipeline as the official SimMIM code runs it
+    (full PIL decode, RandomResizedCrop, flip, ToTensor, Normalize), and that pipeline ending in uint8.
+    CPU time (time.process_time), not wall time: a shared machine's other jobs do not count; the pipelines
+    run in alternating rounds, and the best round of each is kept."""
+    from torchvision import transforms as T
+    torch.set_num_threads(1)  # as in a DataLoader worker
     size = args.img_size or 192
-    for draft in (False, True):
-        stream = data.TrainStream(dataset, np.arange(len(dataset)), data.pretrain_transform(size, draft=draft), seed=0)
-        t0 = time.perf_counter()
-        for pos in range(args.images):
-            stream[pos]
-        rate = args.images / (time.perf_counter() - t0)
-        print(f"data: {len(dataset)} images from {folder}, crop {size}, draft {'on ' if draft else 'off'}: "
-              f"{rate:.0f} img/s per worker", flush=True)
+    crop = [data.to_rgb, T.RandomResizedCrop(size, (0.67, 1.0), interpolation=T.InterpolationMode.BILINEAR), T.RandomHorizontalFlip()]
+    pipelines = {"plain": T.Compose(crop + [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]),  # SimMIM's
+                 "plain uint8": T.Compose(crop + [T.PILToTensor()]), "ours": data.pretrain_transform(size)}
+    for jpeg_size in ([None] if args.data else args.jpeg_size.split(",")):
+        folder = args.data or tempfile.mkdtemp()
+        if jpeg_size:
+            make_jpegs(folder, *(int(v) for v in jpeg_size.split("x")))
+        dataset = data.open_dataset(folder)
+        kb = np.mean([os.path.getsize(os.path.join(dataset.root, name)) for name in dataset.names]) / 1000
+        streams = {name: data.TrainStream(dataset, np.arange(len(dataset)), t, seed=0) for name, t in pipelines.items()}
+        best = {name: 0.0 for name in streams}
+        for r in range(max(1, args.steps // 2)):
+            for name, stream in (list(streams.items()) if r % 2 == 0 else list(streams.items())[::-1]):
+                t0 = time.process_time()
+                for pos in range(args.images):
+                    stream[pos]
+                best[name] = max(best[name], args.images / (time.process_time() - t0))
+        print(f"data: {len(dataset)} JPEGs of {jpeg_size or folder} ({kb:.0f} KB), crop {size}, img per CPU-second: "
+              + ", ".join(f"{name} {rate:.0f}" for name, rate in best.items())
+              + f"; ours / plain {best['ours'] / best['plain']:.2f}x (/ plain uint8 {best['ours'] / best['plain uint8']:.2f}x)", flush=True)
 
 
 def main(argv=None):

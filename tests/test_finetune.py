@@ -12,6 +12,7 @@ import torch
 import finetune
 import mim
 import swinv2
+from conftest import write_inat18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 training images, global batch 8 in micro-batches of 4: 2 steps per epoch, 4 steps in all
@@ -31,10 +32,7 @@ def pretrained(tmp_path_factory):
 def resolved(argv, n_train=16):
     """finetune's run numbers for argv, as main derives them."""
     args = finetune.get_parser().parse_args(argv)
-    r = finetune.resolve(args, 1)
-    spe = max(1, n_train // r["batch_size"])
-    r.update(steps_per_epoch=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe)
-    return args, r
+    return args, finetune.steps(finetune.resolve(args, 1), n_train)
 
 
 def read_log(d):
@@ -60,9 +58,10 @@ def test_finetune_from_a_mim_run_writes_the_pairing(pretrained, tmp_path):
     assert summary["kind"] == "finetune" and summary["task"] == "synthetic" and summary["epochs"] == 2
     assert summary["pretrained"] == dict(path=str(pretrained / "ckpt.pt"), run_dir=str(pretrained), model="tiny", frac=1.0,
                                          iters=4, data="synthetic", step=4, val_loss=pt["val_loss"])
-    log = read_log(out)
+    log = [l for l in read_log(out) if "top1" in l]  # the evaluations, one per epoch
     assert [(l["epoch"], l["step"]) for l in log] == [(1, 2), (2, 4)]
-    assert all({"epoch", "step", "train_loss", "lr", "top1", "top5"} <= set(l) for l in log)
+    assert all({"epoch", "step", "top1", "top5"} <= set(l) for l in log)
+    assert all({"epoch", "step", "train_loss", "lr", "grad_norm"} <= set(l) for l in read_log(out) if "train_loss" in l)
     assert summary["best_top1"] == max(l["top1"] for l in log) and summary["last_top1"] == log[-1]["top1"] == result["top1"]
     assert (out / "args.json").exists()
     # the loop really sets each group's LR by the layer-decay rule (the last step is step 3)
@@ -96,7 +95,7 @@ def test_official_checkpoint_loads_with_the_expected_keys(pretrained, tmp_path):
 
 
 def test_bad_input_is_refused_in_one_line(pretrained, tmp_path):
-    cases = [(["--model", "S"], "SwinV2-tiny"), (["--model", "Z"], "--model"),
+    cases = [(["--model", "S"], "SwinV2-tiny"),
              (["--pretrained", str(tmp_path / "nothing.pt")], "does not exist"),
              (["--micro_batch", "3"], "not divisible"), (["--data", str(tmp_path / "no_data")], "data path")]
     for extra, words in cases:
@@ -139,6 +138,22 @@ def test_layer_decay_groups_and_their_learning_rates():
     assert len({finetune.group_lr(10, s, r) for s in scales}) == 10
 
 
+def test_inat18_as_released_fine_tunes_with_its_own_head(tmp_path):
+    """iNat18's json files (three species with ids 3, 17, 42) for one epoch: a 3-way head, task inat18."""
+    write_inat18(tmp_path)
+    out = tmp_path / "ft"
+    argv = ["--model", "tiny", "--data", str(tmp_path / "train2018.json"), "--val_data", str(tmp_path / "val2018.json"),
+            "--pretrained", "none", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--workers", "0"]
+    assert resolved(argv)[1]["task"] == resolved(argv[:2] + ["--data", str(tmp_path)] + argv[6:])[1]["task"] == "inat18"
+    finetune.main(argv + ["--out_dir", str(out)])
+    summary = json.load(open(out / "summary.json"))
+    assert summary["task"] == "inat18" and summary["epochs"] == 1 and 0 <= summary["last_top1"] <= 100
+    assert [(l["epoch"], l["step"]) for l in read_log(out) if "top1" in l] == [(1, 3)]  # 12 images / batch 4
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["head.weight"].shape == (3, 256) and ckpt["identity"]["data_classes"] == 3
+    assert json.load(open(out / "args.json"))["classes"] == ["3", "17", "42"]  # label k is category id classes[k]
+
+
 def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):
     # 51 images (odd): two ranks get 26 and 25, none padded or repeated
     out = tmp_path / "ft"
@@ -158,11 +173,11 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
     argv = TINY + ["--data", "synthetic:32", "--epochs", "1", "--warmup_epochs", "0", "--pretrained", "none", "--out_dir"]
 
     class PreemptedAtStep2(mim.StopSignal):  # SIGTERM arrives during step 2
-        def should_stop(self, device):
+        def requested(self):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().should_stop(device)
+            return super().requested()
 
     handler = signal.getsignal(signal.SIGTERM)  # StopSignal replaces it; give pytest its own back
     try:
@@ -183,6 +198,8 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
     for i, s in a["optimizer"]["state"].items():
         assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"]), i
     assert read_log(tmp_path / "straight")[-1]["top1"] == read_log(tmp_path / "resumed")[-1]["top1"]
+    assert [{k: v for k, v in row.items() if k not in ("img_per_s", "data_wait")} for row in read_log(tmp_path / "straight")] == \
+        [{k: v for k, v in row.items() if k not in ("img_per_s", "data_wait")} for row in read_log(tmp_path / "resumed")]
 
 
 @pytest.mark.parametrize("model,recipe", [("B", dict(aug="paper", mixup=0.8, cutmix=1.0, layer_decay=0.75, epochs=100)),

@@ -131,6 +131,21 @@ def test_bad_sizes_are_refused():
         swinv2.create("X")
 
 
+@pytest.mark.parametrize("name", list(swinv2.PRESETS))
+def test_model_config_rebuilds_the_model(name):
+    """The config written into every checkpoint rebuilds its model: pre-training and fine-tuning sizes."""
+    finetune_size = dict(img_size=128, window_size=8) if name in ("tiny", "nano") else dict(img_size=224, window_size=14)
+    for kw in (dict(), dict(finetune_size, pretrained_window_sizes=(12, 12, 12, 6), num_classes=7, drop_path_rate=0.1)):
+        with torch.device("meta"):
+            model = swinv2.create(name, **kw)
+            config = swinv2.model_config(model)
+            again = swinv2.SwinV2(swinv2.SwinV2Config(**config))
+        assert again.cfg == model.cfg and swinv2.model_config(again) == config
+        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="window_sizes"):  # a config edited by hand must stay consistent
+        swinv2.SwinV2Config(**dict(config, window_sizes=(7, 7, 7, 7)))
+
+
 def test_layer_ids_follow_the_official_rule():
     with torch.device("meta"):
         model = swinv2.create("B", num_classes=10)
@@ -192,7 +207,8 @@ def test_load_refuses_other_size_and_unknown_keys():
 
 
 def test_parity_with_timm():
-    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2",
+                                  reason="needs timm, the independent reference: pip install -r requirements-test.txt")
     torch.manual_seed(0)
     ours = randomize(swinv2.create("tiny", num_classes=10)).eval()
     theirs = timm_v2.SwinTransformerV2(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
