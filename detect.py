@@ -1,7 +1,7 @@
 """
 COCO object detection and instance segmentation from a (SimMIM-pre-trained) SwinV2 encoder: two of the
-five downstream metrics of "On Data Scaling in Masked Image Modeling" (arXiv 2206.04664, sec. 4: box AP and
-mask AP of S/B/L on COCO follow the ImageNet trends). The paper published no detection recipe; we adopt the
+five downstream metrics of "On Data Scaling in Masked Image Modeling" (arXiv 2206.04664: the box AP and mask
+AP of S/B/L on COCO follow the ImageNet trends). The paper published no detection recipe; we adopt the
 closest published ones (reference/downstream.md): torchvision's Mask R-CNN with an FPN over the encoder's
 four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per 16 images, layer-wise decay
 0.9, drop path 0.2, 36 epochs with x0.1 at epochs 27 and 33, and COCO AP from pycocotools' COCOeval.
@@ -20,14 +20,13 @@ What this file teaches, in reading order:
 Inputs are fixed squares, so every stage map tiles with its window: training images are jittered, then
 cropped or padded to the square; evaluation images are resized (longer side to the square) and padded, by
 torchvision's own GeneralizedRCNNTransform, which also maps the predictions back to the original image.
+The training loop, run directory and resume are mim.py's (mim.train). Read next: analyze.py.
 """
-import argparse
 import contextlib
 import io
-import logging
+import json
 import os
 import sys
-import time
 from collections import OrderedDict
 
 import numpy as np
@@ -35,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
-from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -46,7 +44,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -56,45 +53,43 @@ import mim
 import swinv2
 from mim import print0
 
-logger = logging.getLogger("detect")
-
 # -----------------------------------------------------------------------------
 # command line
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
+    p = mim.Parser(prog="detect.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--img_size", type=int, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
-    g.add_argument("--window", type=int, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
-    g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=int, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
-    g.add_argument("--rois", type=int, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
+    g.add_argument("--img_size", type=mim.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
+    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
+    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
+    g.add_argument("--fpn_channels", type=mim.count, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--rois", type=mim.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
-    g.add_argument("--val_images", type=int, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
-    g.add_argument("--jitter", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
+    g.add_argument("--jitter", type=mim.positive, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 1)")
-    g.add_argument("--milestones", type=float, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 0.75)")
-    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2, mmdetection's Swin configs; cpu 25)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
-    g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=float, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
-    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
+    g.add_argument("--epochs", type=mim.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
+    g.add_argument("--milestones", type=mim.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 2.5)")
+    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2, mmdetection's Swin configs; cpu 25)")
+    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
+    g.add_argument("--micro_batch", type=mim.count, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=mim.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
+    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
+    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
+    g.add_argument("--clip_grad", type=mim.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
+    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
-    g.add_argument("--log_every", type=int, default=None, help="steps between log lines; default 50 (cpu 10)")
-    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
+    g.add_argument("--eval_every", type=mim.natural, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
+    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (cpu 10)")
+    g.add_argument("--save_every", type=mim.count, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
     return p
@@ -102,43 +97,49 @@ def get_parser():
 
 # The flags a preset decides: downstream.md's COCO recipe for S..g; for nano and tiny a CPU-minutes recipe on
 # the 96 px synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and
-# fewer sampled RoIs (two objects per image), milder jitter and a higher LR for a few hundred steps.
+# fewer sampled RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (after one epoch, 250 steps,
+# box AP was 4-5 and no detection scored above 0.5).
 RECIPES = {
     "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
                   milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
-    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=1,
-                milestones=(0.75,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
+    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
+                milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
 }
+FREE = mim.FREE | {"val_images"}  # the evaluation subset is a measurement choice, not part of training
 
 
 def resolve(args, world_size):
-    """Validate the flags and derive the run's numbers in one visible place; args is never modified.
-    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: main.)"""
-    if args.model not in swinv2.PRESETS:
-        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
+    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
+    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
-    if r["epochs"] <= 0 or r["batch_size"] <= 0 or r["warmup_iters"] < 0:
-        raise ValueError(f"need --epochs > 0, --batch_size > 0, --warmup_iters >= 0; got {r['epochs']}, {r['batch_size']}, {r['warmup_iters']}")
-    if list(r["milestones"]) != sorted(r["milestones"]) or not all(0 < m <= r["epochs"] for m in r["milestones"]):
+    if list(r["milestones"]) != sorted(r["milestones"]) or not all(m <= r["epochs"] for m in r["milestones"]):
         raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
-    if not 0 < r["jitter"][0] <= r["jitter"][1]:
-        raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g} must satisfy 0 < MIN <= MAX")
-    if r["fpn_channels"] <= 0 or r["rois"] <= 0:
-        raise ValueError(f"--fpn_channels and --rois must be positive, got {r['fpn_channels']}, {r['rois']}")
+    if r["jitter"][0] > r["jitter"][1]:
+        raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g}: MIN is larger than MAX")
     B = r["batch_size"]
-    r["micro_batch"] = args.micro_batch or B // world_size
-    if r["micro_batch"] <= 0 or B % (r["micro_batch"] * world_size):
-        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {r['micro_batch']} x {world_size} processes")
-    r["accum"] = B // (r["micro_batch"] * world_size)
+    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
     r["peak_lr"] = r["lr"] * B / 16  # linear scaling rule; the detection recipes give the LR at batch 16
     r["task"] = "synthetic" if args.data == "synthetic" or args.data.startswith("synthetic:") else "coco"
     r["out_dir"] = args.out_dir or f"out/det_{r['task']}_{args.model}_{finetune.pretrained_name(args.pretrained)}"
+    mim.check_out_dir(r["out_dir"])
     try:  # checks that the windows tile every stage's map of the square input
         swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
     except ValueError as e:
         raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
+    r.update(clip_grad=args.clip_grad, seed=args.seed)
+    return r
+
+
+def steps(r, n_train, eval_every):
+    """Epochs become steps on data.py's stream (n_train // batch per epoch); evaluation every `eval_every`
+    epochs, or only at the end (0)."""
+    if r["batch_size"] > n_train:
+        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
+    spe = n_train // r["batch_size"]
+    r.update(epoch_steps=spe, iters=r["epochs"] * spe)
+    r["eval_every"] = eval_every * spe or r["iters"]
     return r
 
 
@@ -147,7 +148,7 @@ def get_lr(step, r):
     default), then the peak, x0.1 after each milestone epoch."""
     if step < r["warmup_iters"]:
         return r["peak_lr"] * (0.001 + 0.999 * step / r["warmup_iters"])
-    return r["peak_lr"] * 0.1 ** sum(step >= m * r["steps_per_epoch"] for m in r["milestones"])
+    return r["peak_lr"] * 0.1 ** sum(step >= m * r["epoch_steps"] for m in r["milestones"])
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class Instances:
     annotations gets empty targets (a valid negative example for Mask R-CNN)."""
 
     def __init__(self, coco_set: CocoDetection):
-        self.coco_set, self.coco = coco_set, coco_set.coco
+        self.coco_set, self.coco, self.root = coco_set, coco_set.coco, coco_set.root or ""
         self.cat_ids = sorted(self.coco.getCatIds())
         self.names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
@@ -272,6 +273,12 @@ class Instances:
 
     def __len__(self):
         return len(self.coco_set)
+
+    def name(self, i):  # name(i) and open(i): data.failure names an unreadable image, and why
+        return self.coco.imgs[self.coco_set.ids[i]]["file_name"]
+
+    def open(self, i):
+        return self.coco_set._load_image(self.coco_set.ids[i]), None
 
     def __getitem__(self, i):
         image, t = self.wrapped[i]  # a PIL RGB image, the wrapped annotations
@@ -290,42 +297,36 @@ def train_transform(size, jitter):
     crop, padding with the mean colour where the image is smaller (the pad normalises to 0, as the evaluation
     batch's padding); then a horizontal flip. torchvision moves boxes and masks with the image and clips the
     boxes to the crop; SanitizeBoundingBoxes drops boxes left under 1 px (cropped away, tiny, or degenerate in
-    the annotations) with their masks and labels."""
+    the annotations) with their masks and labels. Images stay uint8 (4x less to move between processes)."""
     mean = tuple(round(255 * m) for m in data.IMAGENET_MEAN)
     return v2.Compose([v2.ToImage(), v2.ScaleJitter((size, size), jitter),
                        v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: mean, "others": 0}),
-                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()])
-
-
-to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])  # PIL -> (3, H, W) in [0, 1]
-READ_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's failures on a bad file
+                       v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()])
 
 
 class PairStream(data.TrainStream):
     """data.TrainStream for (image, target) pairs: stream position p is image perm_e[p % n] of pass e = p // n,
     with its jitter, crop and flip seeded by (seed, p), so step s gets the same global batch for any world size
-    or accumulation and a resumed run continues exactly. An unreadable image is logged, counted and replaced by
-    the next position's. Items: (image (3, S, S), target dict of plain tensors, number replaced)."""
+    or accumulation and a resumed run continues exactly; an unreadable image is replaced by the next position's
+    (mim.train names and counts it). Items: (uint8 image (3, S, S), target of plain tensors, p, files skipped)."""
 
     def __init__(self, instances: Instances, transform, seed):
         super().__init__(instances, np.arange(len(instances)), transform, seed)
 
     def __getitem__(self, pos):
         for bad in range(data.MAX_BAD):
-            i = self.index(pos + bad)
-            with torch.random.fork_rng(devices=[]):  # the same seeding as data.TrainStream
+            with torch.random.fork_rng(devices=[]):  # the seeding of data.TrainStream
                 torch.default_generator.manual_seed(int(np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)))
                 try:
-                    image, target = self.transform(*self.dataset[i])
-                except READ_ERRORS as e:
-                    logger.warning(f"unreadable image {self.dataset.coco_set.ids[i]} ({type(e).__name__}: {e}); replaced by another sample")
+                    image, target = self.transform(*self.dataset[self.index(pos + bad)])
+                except data.READ_ERRORS:
                     continue
-            return image, {k: v.as_subclass(torch.Tensor) for k, v in target.items()}, bad
+            return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}, pos, bad
         raise RuntimeError(f"{data.MAX_BAD} unreadable images in a row from stream position {pos}: check --data")
 
 
 class EvalImages(torch.utils.data.Dataset):
-    """Validation images at their original size, (3, H, W) in [0, 1], with their COCO image ids: the model's
+    """Validation images at their original size, uint8 (3, H, W), with their COCO image ids: the model's
     transform resizes and pads them, and maps its predictions back to this size."""
 
     def __init__(self, coco_set: CocoDetection, indices):
@@ -336,12 +337,19 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         k = self.indices[i]
-        return to_tensor(self.coco_set[k][0]), self.coco_set.ids[k]
+        return v2.functional.pil_to_tensor(self.coco_set[k][0]), self.coco_set.ids[k]
 
 
 def collate(batch):
-    """Images and targets stay lists (Mask R-CNN takes a list; evaluation images differ in size)."""
-    return tuple(list(x) for x in zip(*batch))
+    """Images and targets stay lists (Mask R-CNN takes lists; evaluation images differ in size); the rest
+    (image ids; stream positions and skipped files, which mim.train reads) become tensors."""
+    images, *rest = zip(*batch)
+    return (list(images), *(list(x) if isinstance(x[0], dict) else torch.tensor(x) for x in rest))
+
+
+def model_input(images, device):
+    """uint8 images -> what torchvision's detectors take: float in [0, 1] on the device (they normalise)."""
+    return [x.to(device, non_blocking=True).float().div(255) for x in images]
 
 
 # -----------------------------------------------------------------------------
@@ -392,10 +400,10 @@ def evaluate(model, loader, coco_gt, cat_ids, device, ctx):
     results, image_ids = [], []
     for images, ids in loader:
         with ctx:
-            preds = model([x.to(device, non_blocking=True) for x in images])
-        for pred, image_id in zip(preds, ids):
+            preds = model(model_input(images, device))
+        for pred, image_id in zip(preds, ids.tolist()):
             results += coco_results(pred, image_id, cat_ids)
-        image_ids += ids
+        image_ids += ids.tolist()
     model.train()
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
@@ -408,15 +416,15 @@ def evaluate(model, loader, coco_gt, cat_ids, device, ctx):
 
 
 @torch.no_grad()
-def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.5, size=320):
-    """Predicted masks and boxes (class and score) with score >= min_score on n validation images, drawn by
-    torchvision on each image enlarged so its longer side is `size`, side by side in one PNG."""
+def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.3, top=5, size=320):
+    """The `top` best predictions (class, score, mask, box) with score >= min_score on n validation images, drawn
+    by torchvision on each image enlarged so its longer side is `size`, side by side in one PNG."""
     model.eval()
     tiles = []
     for k in indices[:n]:
         image = v2.functional.to_image(coco_set[int(k)][0])  # (3, H, W) uint8
-        pred = model([v2.functional.to_dtype(image, torch.float32, scale=True).to(device)])[0]
-        keep = pred["scores"] >= min_score
+        pred = model(model_input([image], device))[0]
+        keep = (pred["scores"] >= min_score) & (torch.arange(len(pred["scores"]), device=device) < top)  # sorted by score
         boxes = tv_tensors.BoundingBoxes(pred["boxes"][keep].float().cpu(), format="XYXY", canvas_size=image.shape[-2:])
         masks = tv_tensors.Mask(pred["masks"][keep, 0].float().cpu() > 0.5)
         image, boxes, masks = v2.Resize(None, max_size=size)(image, boxes, masks)  # one geometry for all three
@@ -436,37 +444,46 @@ def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=
 
 
 def main(argv=None):
+    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
     args = get_parser().parse_args(argv)
-    try:  # every bad flag, path or checkpoint is refused before any work starts
+    try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
+        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
         train_set, val_set = open_coco(args.data, "train"), open_coco(args.data, "val")
         train = Instances(train_set)
         if sorted(val_set.coco.getCatIds()) != train.cat_ids:
             raise ValueError(f"--data {args.data}: the validation categories are not the training categories")
-        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
+        steps(r, len(train), args.eval_every)
         model, missing = build_model(args, r, ckpt, len(train.cat_ids))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
     rank, local_rank, world, device = mim.setup_distributed()
-    master, out_dir = rank == 0, r["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = mim.autocast(device, args.dtype)
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0
+    run = mim.RunDir(r["out_dir"], rank == 0)
+    try:
+        return detect(args, r, run, model, missing, pretrained, train, val_set, device, rank, world)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def detect(args, r, run, model, missing, pretrained, train, val_set, device, rank, world):
+    master, K, N, B = rank == 0, len(train.cat_ids), len(train), r["batch_size"]
+    dtype = mim.amp_dtype(device, args.dtype)
+    ctx = mim.autocast(device, dtype)
+    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- the numbers of this run: epochs become steps, derived once and printed
-    N, B, K = len(train), r["batch_size"], len(train.cat_ids)
-    spe = max(1, N // B)
-    r.update(steps_per_epoch=spe, iters=r["epochs"] * spe)
     p = pretrained
     print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
            f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
     print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
                                     if p["run_dir"] else p["path"] or "none: from scratch"))
+    if missing:
+        print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
-    print0(f"{'schedule':>14} {r['epochs']} epochs x {spe} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
+    print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
            f"x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
     print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
            f"warmup {r['warmup_iters']} steps from 0.001x")
@@ -480,111 +497,70 @@ def main(argv=None):
 
     # ---- optimizer: layer-wise decay over the encoder, the full LR for everything new
     model = raw_model = model.to(device)
-    groups = finetune.param_groups(model, args.weight_decay, r["layer_decay"])
-    optimizer = torch.optim.AdamW(groups, lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda" or None)
+    optimizer = mim.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
     print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M encoder, "
-           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all; new in the encoder: {', '.join(missing) or 'nothing'}")
+           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all")
+    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
-    # ---- resume from the run directory's checkpoint, if any
-    ckpt_path, start_step = os.path.join(out_dir, "ckpt.pt"), 0
-    state = dict(metrics=None, skipped_steps=0, bad_images=0)
-    identity = dict(model=args.model, batch_size=B, iters=r["iters"], img_size=r["img_size"], window=r["window"], num_classes=K, task=r["task"])
-    if os.path.exists(ckpt_path):
-        ckpt = mim.load_checkpoint(ckpt_path)
-        if {k: ckpt["run"].get(k) for k in identity} != identity:
-            sys.exit(f"error: {ckpt_path} belongs to another run ({ckpt['run']}); this one is {identity}. Use another --out_dir")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, state = ckpt["step"], ckpt["state"]
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
-    elif args.eval_only:
-        sys.exit(f"error: --eval_only needs a trained detector, and {ckpt_path} does not exist")
-
-    def evaluate_and_draw(step):
+    def coco_eval(step):  # every rank; rank 0 draws
         metrics = evaluate(raw_model, val_loader, val_set.coco, train.cat_ids, device, ctx)
-        print0(f"step {step}: box AP {metrics['box_ap']:.2f}, mask AP {metrics['mask_ap']:.2f} on {len(val_idx)} images")
         if master:
-            save_pictures(os.path.join(out_dir, f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train.names, device)
+            tqdm.write(f"step {step}: box AP {metrics['box_ap']:.2f}, mask AP {metrics['mask_ap']:.2f} on {len(val_idx)} images")
+            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train.names, device)
+        return dict(epoch=step / r["epoch_steps"], **metrics)
+
+    if args.eval_only:  # a measurement of the run directory's checkpoint: no lock, nothing written but eval.json
+        ckpt = mim.load_or_fail(run.ckpt, master)
+        raw_model.load_state_dict(ckpt["model"])
+        metrics = coco_eval(ckpt["step"])
+        if master:
+            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
         return metrics
 
-    if args.eval_only:
-        metrics = evaluate_and_draw(start_step)
-        if master:
-            mim.save_json(os.path.join(out_dir, "eval.json"), dict(step=start_step, images=len(val_idx), **metrics))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return metrics
-
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    run_info = dict(identity, data=args.data, train_images=N, steps_per_epoch=spe, epochs=r["epochs"], milestones=r["milestones"],
-                    warmup_iters=r["warmup_iters"], peak_lr=r["peak_lr"], layer_decay=r["layer_decay"], jitter=r["jitter"],
-                    fpn_channels=r["fpn_channels"], rois=r["rois"], drop_path=r["drop_path"], seed=args.seed, world_size=world,
-                    micro_batch=r["micro_batch"], accum=r["accum"], torch=str(torch.__version__))
+    # ---- the run directory: lock, resume (another run's checkpoint is refused)
+    mim.agree(run.acquire() if master else None, master)
+    loop = run.resume(identity, raw_model, optimizer, master)
+    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
+        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
+        return json.load(open(run.file("summary.json")))["coco_eval"]
+    if loop["step"]:
+        print0(f"resumed from {run.ckpt} at step {loop['step']}")
     if master:
-        mim.save_json(os.path.join(out_dir, "args.json"), dict(vars(args), run=run_info, pretrained=pretrained))
-    log = mim.Log(out_dir, master)
+        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
+                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=train.names,
+                                                  torch=str(torch.__version__)))
 
-    # ---- the loop
+    # ---- the loop (mim.train): the five Mask R-CNN losses are the terms of each log row
     stream = PairStream(train, train_transform(r["img_size"], r["jitter"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, start_step)
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
-    clip = args.clip_grad if args.clip_grad > 0 else float("inf")  # inf: measure the norm (non-finite steps are skipped), never clip
-    stop, skipped_in_row, sums, n_steps, skipped, bad, t0 = mim.StopSignal(), 0, {}, 0, 0, 0, time.time()
-    bar = tqdm(total=r["iters"], initial=start_step, disable=not master, dynamic_ncols=True)
-    for step in range(start_step, r["iters"]):
-        lr = get_lr(step, r)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        for micro in range(r["accum"]):
-            images, targets, n_bad = next(batches)
-            bad += sum(n_bad)
-            images = [x.to(device, non_blocking=True) for x in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            # RoI sampling and drop path are seeded by (seed, step, micro-batch): a resumed run repeats them
-            torch.manual_seed(mim.micro_seed(args.seed, step, micro * world + rank))
-            with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
-                with ctx:
-                    losses = model(images, targets)  # the five Mask R-CNN losses, means over this micro-batch
-                (sum(losses.values()) / r["accum"]).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / r["accum"]
-        grad_norm, skipped_in_row = mim.optimizer_step(raw_model, optimizer, clip, skipped_in_row, step, ckpt_path)
-        skipped += skipped_in_row > 0
-        n_steps, done, last = n_steps + 1, step + 1, step + 1 == r["iters"]
-        bar.update(1)
+    if world > 1:
+        model = mim.ddp(model, device)
 
-        if done % r["log_every"] == 0 or last:  # .item() and all_reduce only here: they are sync points
-            keys = sorted(sums)
-            values = mim.all_sum(*(float(sums[k]) for k in keys), bad, skipped, device=device)
-            state["bad_images"], state["skipped_steps"] = state["bad_images"] + int(values[-2]), state["skipped_steps"] + int(values[-1])
-            terms = {k: v / (n_steps * world) for k, v in zip(keys, values)}
-            row = dict(step=done, epoch=done / spe, lr=lr, train_loss=sum(terms.values()), **terms, grad_norm=float(grad_norm),
-                       img_per_s=n_steps * B / (time.time() - t0), bad_images=state["bad_images"], skipped_steps=state["skipped_steps"])
-            log(**row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{lr:.2e}")
-            sums, n_steps, skipped, bad, t0 = {}, 0, 0, 0, time.time()
-        if last or args.eval_every and done % (args.eval_every * spe) == 0:
-            state["metrics"] = evaluate_and_draw(done)
-            log(step=done, epoch=done / spe, **state["metrics"])
-        preempted = stop.should_stop(device)
-        if done % r["save_every"] == 0 or last or preempted:
-            mim.checkpoint_boundary(master, lambda: mim.save_checkpoint(
-                ckpt_path, raw_model, optimizer, done, args=vars(args), run=run_info, pretrained=pretrained,
-                model_config=swinv2.model_config(raw_model.backbone.encoder), state=state), preempted, ckpt_path, done)
-    bar.close()
-    stop.restore()
+    def loss_fn(batch):
+        images, targets = model_input(batch[0], device), [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
+        with ctx:
+            losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch
+        return sum(losses.values()), losses
 
-    m = state["metrics"]
-    if master and start_step < r["iters"]:
-        mim.save_json(os.path.join(out_dir, "summary.json"), dict(
-            kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
-            metrics=dict(box_ap=m["box_ap"], mask_ap=m["mask_ap"]), coco_eval=m,
-            skipped_steps=state["skipped_steps"], bad_images=state["bad_images"]))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return m
+    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained,
+                                model_config=swinv2.model_config(raw_model.backbone.encoder))
+    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: scale * get_lr(step, r),
+              coco_eval, meta, loop, device)
+
+    # ---- the summary, from the log: the last evaluation (detection reports the final model)
+    if not master:
+        return {}
+    rows = [row for _, row in run.rows()]
+    evals, last = [row for row in rows if "box_ap" in row], [row for row in rows if "train_loss" in row][-1]
+    coco = {k: evals[-1][k] for k in evals[-1] if k.startswith(("box_", "mask_"))}
+    summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
+                   metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]), coco_eval=coco,
+                   skipped_steps=last["skipped_steps"], bad_images=last["bad_images"], bad_files=last["bad_files"])
+    mim.save_json(run.file("summary.json"), summary)
+    return coco
 
 
 if __name__ == "__main__":
