@@ -416,7 +416,7 @@ def evaluate(model, loader, coco_gt, cat_ids, device, ctx):
 
 
 @torch.no_grad()
-def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.3, top=5, size=320):
+def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.3, top=3, size=320):
     """The `top` best predictions (class, score, mask, box) with score >= min_score on n validation images, drawn
     by torchvision on each image enlarged so its longer side is `size`, side by side in one PNG."""
     model.eval()
