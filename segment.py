@@ -151,9 +151,16 @@ class LabelledImage:
         return self
 
     def __exit__(self, *exc):
-        for f in (self.image, self.labels):
-            if isinstance(f, Image.Image):
-                f.close()
+        for f in self.files():
+            f.close()
+
+    def load(self):
+        """Decode both files, as PIL's Image.load (raises what an unreadable file raises)."""
+        for f in self.files():
+            f.load()
+
+    def files(self):
+        return [f for f in (self.image, self.labels) if isinstance(f, Image.Image)]
 
     def tensors(self):
         """-> (tv_tensors.Image uint8 (3, H, W), tv_tensors.Mask uint8 (1, H, W))."""
