@@ -14,9 +14,9 @@ mim.py (read it next) calls open_dataset -> subset_indices -> TrainStream + Stre
 """
 import functools
 import hashlib
-import logging
 import math
 import os
+import signal
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_SIZE = 2000, 500, 96
 MAX_BAD = 100  # this many unreadable files in a row means the data path is broken, not one file
-log = logging.getLogger("data")
 
 # ----------------------------------------------------------------------------- datasets
 # Every dataset has __len__, .classes, .names (one str per image, used by manifests), .targets,
@@ -269,21 +268,29 @@ def finetune_transform(img_size, train, aug="paper"):
                       T.RandomErasing(p=0.25, value="random")])
 
 
-_warned = set()  # paths already logged by this process (each worker keeps its own)
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # PIL's failures
 
 
 def load(dataset, i, transform):
-    """dataset[i] through transform -> (tensor, label), or None if the file cannot be read or decoded."""
+    """dataset[i] through transform -> (tensor, label), or None if the file cannot be read or decoded.
+    Silent: it runs in a data-loader worker; the training process names the file (see failure)."""
     try:
         img, label = dataset.open(i)
         with img:  # closes the file handle even when decoding fails halfway
             return transform(img), label
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:  # PIL's failures
-        path = os.path.join(getattr(dataset, "root", ""), dataset.names[i])
-        if path not in _warned:
-            _warned.add(path)
-            log.warning(f"unreadable image {path} ({type(e).__name__}: {e}); replaced by another sample")
+    except READ_ERRORS:
         return None
+
+
+def failure(dataset, i):
+    """'path (why)' for an image that load() could not read: the training process's warning."""
+    path = os.path.join(getattr(dataset, "root", ""), dataset.names[i])
+    try:
+        with dataset.open(i)[0] as img:
+            img.load()
+    except READ_ERRORS as e:
+        return f"{path} ({type(e).__name__}: {e})"
+    return f"{path} (failed in a transform)"
 
 
 # ----------------------------------------------------------------------------- training stream and sampler
@@ -297,9 +304,12 @@ def pass_permutation(seed, e, n):
 class TrainStream(Dataset):
     """Map-style over stream positions p = 0, 1, 2, ... (endless). Position p is subset entry
     perm_e[p % n] of pass e = p // n, with perm_e drawn from (seed, e), and its augmentation is drawn
-    from (seed, p): a sample is a pure function of its position, whichever worker or rank loads it."""
-    def __init__(self, dataset, indices, transform, seed):
+    from (seed, p): a sample is a pure function of its position, whichever worker or rank loads it.
+    An item is (image, label, p, bad, *extra): bad counts the unreadable files skipped to get it, and
+    extra(p), if given, is computed in the worker too (mim.py's mask: the training process stays free)."""
+    def __init__(self, dataset, indices, transform, seed, extra=None):
         self.dataset, self.indices, self.transform, self.seed = dataset, np.asarray(indices), transform, seed
+        self.extra = extra
 
     def index(self, pos):
         """The dataset index at stream position pos."""
@@ -316,15 +326,20 @@ class TrainStream(Dataset):
                 torch.default_generator.manual_seed(int(seed))
                 out = load(self.dataset, self.index(pos + bad), self.transform)
             if out is not None:
-                return out[0], out[1], pos, bad
+                return (out[0], out[1], pos, bad) + ((self.extra(pos),) if self.extra else ())
         raise RuntimeError(f"{MAX_BAD} unreadable images in a row from stream position {pos}: check the data path")
+
+    def skipped(self, pos, bad):
+        """Dataset indices of the `bad` unreadable files skipped for the item at position pos."""
+        return [self.index(pos + j) for j in range(bad)]
 
 
 class EvalSet(Dataset):
     """Fixed images with a deterministic transform; item i is dataset image indices[i], or the next
-    readable one if that file is broken. Returns the *requested* index, which seeds its mask in mim.py."""
-    def __init__(self, dataset, indices, transform):
-        self.dataset, self.indices, self.transform = dataset, np.asarray(indices), transform
+    readable one if that file is broken. An item is (image, label, requested index, bad, *extra): the
+    requested index is what extra (mim.py's mask) is computed from, so a broken file keeps its mask."""
+    def __init__(self, dataset, indices, transform, extra=None):
+        self.dataset, self.indices, self.transform, self.extra = dataset, np.asarray(indices), transform, extra
 
     def __len__(self):
         return len(self.indices)
@@ -333,7 +348,7 @@ class EvalSet(Dataset):
         for bad in range(min(MAX_BAD, len(self))):
             out = load(self.dataset, int(self.indices[(i + bad) % len(self)]), self.transform)
             if out is not None:
-                return out[0], out[1], int(self.indices[i]), bad
+                return (out[0], out[1], int(self.indices[i]), bad) + ((self.extra(int(self.indices[i])),) if self.extra else ())
         raise RuntimeError(f"no readable image near evaluation item {i}: check the data path")
 
 
@@ -365,10 +380,22 @@ def shard(n, rank, world_size):
     return list(range(rank, n, world_size))
 
 
-def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False):
+def quiet_worker(_):
+    """Workers ignore Ctrl-C and SIGTERM: the training process decides when to stop (it saves first), and
+    its workers end with it, without a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False, collate_fn=None):
     """A DataLoader with the throughput settings. It gets its own generator (so `shuffle` is seeded by 0):
     DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run."""
-    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    extra = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=quiet_worker) if workers > 0 else {}
     return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator().manual_seed(0),
-                      **extra)
+                      collate_fn=collate_fn, **extra)
+
+
+def normalize(x):
+    """A batch of images as the model wants them: float, ImageNet-normalised, on x's device."""
+    return x  # the transforms normalise today

@@ -15,20 +15,14 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
 and world-size invariance work as in mim.py, whose plumbing we import. Read next: analyze.py.
 """
-import argparse
-import contextlib
 import json
 import os
-import pickle
-import re
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -42,38 +36,39 @@ from mim import print0
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Fine-tune a (SimMIM-pre-trained) SwinV2 for classification")
+    p = mim.Parser(prog="finetune.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for classification")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--img_size", type=int, default=None, help="input pixels; default 224 (official; tiny 64)")
-    g.add_argument("--window", type=int, default=None, help="attention window; default 14 (official; tiny 4)")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (official B: 0.1)")
+    g.add_argument("--img_size", type=mim.count, default=None, help="input pixels; default 224 (official; tiny 64)")
+    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 14 (official; tiny 4)")
+    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, or 'synthetic'")
     g.add_argument("--val_data", default=None, help="evaluation images; default: the val split of --data")
-    g.add_argument("--val_images", type=int, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
+    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
     g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1); default: basename of --data")
     g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper (tiny light)")
-    g.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
-    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (official 0.1)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--mixup", type=mim.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
+    g.add_argument("--cutmix", type=mim.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
+    g.add_argument("--smoothing", type=mim.number(float, 0, 1, hi_open=True), default=0.1, help="label smoothing (official 0.1)")
+    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs; default 100 (official; tiny 3)")
-    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup epochs; default 20 (official; tiny 1)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 2048 (paper; tiny 32)")
-    g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=float, default=None, help="peak LR per 512 images, scaled by batch/512; default 1.25e-3 (official; tiny 3.2e-2)")
-    g.add_argument("--warmup_lr", type=float, default=2.5e-7, help="LR at step 0 per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--min_lr", type=float, default=2.5e-7, help="final LR per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (official 0.05)")
-    g.add_argument("--clip_grad", type=float, default=5.0, help="max gradient norm (official 5.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the head, data order, augmentation, mixing, drop path")
+    g.add_argument("--epochs", type=mim.count, default=None, help="training epochs; default 100 (official; tiny 3)")
+    g.add_argument("--warmup_epochs", type=mim.natural, default=None, help="linear warmup epochs; default 20 (official; tiny 1)")
+    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in images; default 2048 (paper; tiny 32)")
+    g.add_argument("--micro_batch", type=mim.count, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=mim.positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1.25e-3 (official; tiny 3.2e-2)")
+    g.add_argument("--warmup_lr", type=mim.non_negative, default=2.5e-7, help="LR at step 0 per 512 images, the same for every layer (official 2.5e-7)")
+    g.add_argument("--min_lr", type=mim.non_negative, default=2.5e-7, help="final LR per 512 images, the same for every layer (official 2.5e-7)")
+    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
+    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (official 0.05)")
+    g.add_argument("--clip_grad", type=mim.non_negative, default=5.0, help="max gradient norm, 0 = no clipping (official 5.0)")
+    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the head, data order, augmentation, mixing, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/ft_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (tiny 10); evaluation and checkpoints come once per epoch")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one with a head), write eval.json")
@@ -84,30 +79,26 @@ def get_parser():
 # nano and tiny on the synthetic set (a short, plain fine-tune that still tells pre-trainings apart).
 RECIPES = {
     "paper": dict(epochs=100, warmup_epochs=20, batch_size=2048, lr=1.25e-3, img_size=224, window=14, aug="paper",
-                  mixup=0.8, cutmix=1.0, layer_decay=0.75),
+                  mixup=0.8, cutmix=1.0, layer_decay=0.75, log_every=50),
     # A 2M-parameter model sees ~200 steps: the ImageNet augmentation (crops down to 8 % of the image,
     # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns nothing
     # (12-15 % top-1, chance 10 %). Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the
     # LR: after a 600-step pre-training, 4 epochs reach 24 % with it and 32 % without it (one seed).
     "cpu": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
-                 mixup=0.0, cutmix=0.0, layer_decay=1.0),
+                 mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
 }
+FREE = mim.FREE | {"val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
 
 
 def resolve(args, world_size):
-    """Validate the flags and derive the run's numbers in one visible place; args is never modified.
-    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: main.)"""
-    if args.model not in swinv2.PRESETS:
-        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
+    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
+    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    if r["epochs"] <= 0 or r["batch_size"] <= 0 or not 0 <= r["warmup_epochs"] <= r["epochs"]:
-        raise ValueError(f"need --epochs > 0, --batch_size > 0, 0 <= --warmup_epochs <= --epochs; got {r['epochs']}, {r['batch_size']}, {r['warmup_epochs']}")
+    if r["warmup_epochs"] > r["epochs"]:
+        raise ValueError(f"--warmup_epochs {r['warmup_epochs']} is longer than --epochs {r['epochs']}")
     B = r["batch_size"]
-    r["micro_batch"] = args.micro_batch or B // world_size
-    if r["micro_batch"] <= 0 or B % (r["micro_batch"] * world_size):
-        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {r['micro_batch']} x {world_size} processes")
-    r["accum"] = B // (r["micro_batch"] * world_size)
+    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
     # linear scaling rule: all three LRs are given per 512 images, as in the official code
     r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
     name = args.data.rstrip("/")
@@ -116,7 +107,22 @@ def resolve(args, world_size):
     src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
     src = src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
     r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{src}"
-    swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))  # checks the window
+    mim.check_out_dir(r["out_dir"])
+    try:  # checks that the windows tile every stage's feature map
+        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
+    except ValueError as e:
+        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
+    r.update(clip_grad=args.clip_grad, seed=args.seed)
+    return r
+
+
+def steps(r, n_train):
+    """Epochs become steps on data.py's stream: an epoch is n_train // batch steps (the last partial batch
+    is dropped, as the official loader does). Evaluation and checkpoints come at the end of each epoch."""
+    if r["batch_size"] > n_train:
+        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
+    spe = n_train // r["batch_size"]
+    r.update(epoch_steps=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe, eval_every=spe, save_every=spe)
     return r
 
 
@@ -126,29 +132,20 @@ def resolve(args, world_size):
 
 def read_pretrained(path):
     """--pretrained -> (checkpoint dict or None, pairing info for summary.json). A mim.py checkpoint names
-    its run (model, frac, iters, val_loss: analyze.py pairs the two runs through it, and a run directory's
-    summary.json fills what the checkpoint lacks); of an official checkpoint only the path is known."""
+    its run (model, frac, iters, data, step, val_loss: analyze.py pairs the two runs through it); of an
+    official checkpoint only the path is known."""
     info = dict(path=None, run_dir=None, model=None, frac=None, iters=None, data=None, step=None, val_loss=None)
     if path == "none":
         return None, info
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained {path} does not exist (want a ckpt.pt, a mim.py run directory or 'none')")
-    try:
-        ckpt = mim.load_checkpoint(path)  # weights_only: a checkpoint cannot run code
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # e.g. a pickled yacs config in the file
-        what = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise ValueError(f"--pretrained {path} is not a plain-tensor checkpoint ({what[1] + ' pickled in it' if what else type(e).__name__}); "
-                         f"if you trust it: python -c \"import torch; torch.save({{'model': torch.load('{path}', weights_only=False)"
-                         f"['model']}}, 'weights.pt')\" and pass weights.pt") from None
+    ckpt = mim.load_checkpoint(path)  # weights_only: a checkpoint cannot run code; ValueError names what is wrong
     info["path"] = os.path.abspath(path)
-    if "run" in ckpt:
-        run_dir = os.path.dirname(info["path"])
-        summary_path = os.path.join(run_dir, "summary.json")
-        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-        run = dict(summary, **{k: v for k, v in ckpt["run"].items() if v is not None})
-        info.update({k: run.get(k) for k in ("model", "frac", "iters", "data")}, run_dir=run_dir, step=ckpt.get("step"),
-                    val_loss=ckpt.get("val_loss", summary.get("val_loss")))
+    if "identity" in ckpt:  # a mim.py checkpoint: its run is known
+        run_dir, run = os.path.dirname(info["path"]), ckpt["identity"]
+        info.update(run_dir=run_dir, model=run["model"], frac=run["frac"], iters=run["iters"], step=ckpt["step"],
+                    data=os.path.basename(ckpt["args"]["data"].rstrip("/")), val_loss=ckpt.get("val_loss"))
     return ckpt, info
 
 
@@ -166,7 +163,10 @@ def build_model(args, r, ckpt, num_classes):
     torch.manual_seed(args.seed)  # the same head on every rank
     model = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"], pretrained_window_sizes=tuple(windows),
                           num_classes=num_classes, drop_path_rate=args.drop_path, grad_ckpt=args.grad_ckpt)
-    missing = swinv2.load_pretrained(model, ckpt) if ckpt is not None else []
+    try:
+        missing = swinv2.load_pretrained(model, ckpt) if ckpt is not None else []
+    except ValueError as e:
+        raise ValueError(f"--pretrained {args.pretrained}: {e}") from None
     # MAE's handshake: only the head may be missing, so a wrong prefix cannot silently load nothing
     if set(missing) not in (set(), {"head.weight", "head.bias"}):
         raise ValueError(f"--pretrained: expected only the head to be missing, got {missing}")
@@ -214,7 +214,7 @@ def evaluate(model, loader, device, ctx):
     c1 = c5 = n = 0
     for x, y, _, _ in loader:
         with ctx:
-            logits = model(x.to(device, non_blocking=True))
+            logits = model(data.normalize(x.to(device, non_blocking=True)))
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu() == y[:, None]  # (B, 5)
         c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(y)
     model.train()
@@ -227,30 +227,37 @@ def evaluate(model, loader, device, ctx):
 
 
 def main(argv=None):
+    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
     args = get_parser().parse_args(argv)
-    try:  # every bad flag, path or checkpoint is refused before any work starts
+    try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
+        ckpt, pretrained = read_pretrained(args.pretrained)
         train_set, val_set = mim.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of --data {args.data}")
-        ckpt, pretrained = read_pretrained(args.pretrained)
+        steps(r, len(train_set))
         model, missing = build_model(args, r, ckpt, K)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
     rank, local_rank, world, device = mim.setup_distributed()
-    master, out_dir = rank == 0, r["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = mim.autocast(device, args.dtype)
+    run = mim.RunDir(r["out_dir"], rank == 0)
+    try:
+        return finetune(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def finetune(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world):
+    master, K, N, B = rank == 0, len(train_set.classes), len(train_set), r["batch_size"]
+    dtype = mim.amp_dtype(device, args.dtype)
+    ctx = mim.autocast(device, dtype)
     workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- the numbers of this run: epochs become steps (at least one per epoch), derived once and printed
-    N, B = len(train_set), r["batch_size"]
-    spe = max(1, N // B)
-    r.update(steps_per_epoch=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe)
     p = pretrained
     print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over pre-trained "
            f"{model.cfg.pretrained_window_sizes}, {K} classes")
@@ -259,7 +266,7 @@ def main(argv=None):
     if missing:
         print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
-    print0(f"{'schedule':>14} {r['epochs']} epochs x {spe} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
+    print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
            f"warmup {r['warmup_iters']}")
     print0(f"{'LR':>14} {r['lr']:g} per 512 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}); "
            f"warmup from {r['start_lr']:.3g} and cosine to {r['min_lr']:.3g}, both unscaled")
@@ -274,108 +281,83 @@ def main(argv=None):
     # ---- optimizer; the table shows layer decay at work
     model = raw_model = model.to(device)
     groups = param_groups(model, args.weight_decay, r["layer_decay"])
-    optimizer = torch.optim.AdamW(groups, lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda" or None)
+    optimizer = mim.adamw(groups, r["peak_lr"])
     print0(f"{'layer id':>14} {'LR scale':>9} {'wd':>5} {'tensors':>7}")
     for g in sorted(groups, key=lambda g: (model.layer_id(g["names"][0]), -g["weight_decay"])):
         ids = sorted({model.layer_id(n) for n in g["names"]})  # one id per group, unless layer_decay is 1
         print0(f"{ids[0] if len(ids) == 1 else f'{ids[0]}-{ids[-1]}':>14} {g['lr_scale']:9.2e} {g['weight_decay']:5g} {len(g['params']):7d}")
+    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
-    # ---- resume from the run directory's checkpoint, if any
-    ckpt_path, start_step = os.path.join(out_dir, "ckpt.pt"), 0
-    state = dict(best_top1=None, best_top5=None, last_top1=None, last_top5=None, skipped_steps=0, bad_images=0)
-    identity = dict(model=args.model, batch_size=B, iters=r["iters"], img_size=r["img_size"], window=r["window"], num_classes=K)
-    if os.path.exists(ckpt_path):
-        ckpt = mim.load_checkpoint(ckpt_path)
-        if {k: ckpt["run"].get(k) for k in identity} != identity:
-            sys.exit(f"error: {ckpt_path} belongs to another run ({ckpt['run']}); this one is {identity}. Use another --out_dir")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, state = ckpt["step"], ckpt["state"]
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
-    elif args.eval_only and missing:
-        sys.exit(f"error: --eval_only needs a {K}-class head: {ckpt_path} does not exist and --pretrained has no head")
-
-    if args.eval_only:
+    if args.eval_only:  # a measurement: the run directory's checkpoint, else --pretrained's own head
+        if os.path.exists(run.ckpt):
+            ckpt = mim.load_or_fail(run.ckpt, master)
+            raw_model.load_state_dict(ckpt["model"])
+            step = ckpt["step"]
+        elif missing:
+            mim.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
+        else:
+            step = 0
         top1, top5, n = evaluate(raw_model, val_loader, device, ctx)
-        print0(f"step {start_step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
+        print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
         if master:
-            mim.save_json(os.path.join(out_dir, "eval.json"), dict(step=start_step, top1=top1, top5=top5, images=n))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            os.makedirs(run.path, exist_ok=True)
+            mim.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
         return dict(top1=top1, top5=top5)
 
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-    run_info = dict(identity, data=args.data, task=r["task"], train_images=N, steps_per_epoch=spe, epochs=r["epochs"],
-                    warmup_iters=r["warmup_iters"], peak_lr=r["peak_lr"], layer_decay=r["layer_decay"], aug=r["aug"],
-                    mixup=r["mixup"], cutmix=r["cutmix"], seed=args.seed,
-                    world_size=world, micro_batch=r["micro_batch"], accum=r["accum"], torch=str(torch.__version__))
+    # ---- the run directory: lock, resume (another run's checkpoint is refused)
+    mim.agree(run.acquire() if master else None, master)
+    loop = run.resume(identity, raw_model, optimizer, master)
+    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
+        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
+        summary = json.load(open(run.file("summary.json")))
+        return dict(top1=summary["last_top1"], top5=summary["last_top5"])
+    if loop["step"]:
+        print0(f"resumed from {run.ckpt} at step {loop['step']}")
     if master:
-        mim.save_json(os.path.join(out_dir, "args.json"), dict(vars(args), run=run_info, pretrained=pretrained))
-    log = mim.Log(out_dir, master)
+        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
+                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=list(train_set.classes),
+                                                  torch=str(torch.__version__)))
 
     # ---- the loop
     stream = data.TrainStream(train_set, np.arange(N), data.finetune_transform(r["img_size"], train=True, aug=r["aug"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, start_step)
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
     mix = make_mixer(r["mixup"], r["cutmix"], args.smoothing, K)
-    stop, skipped_in_row, loss_sum, loss_n, bad, t0 = mim.StopSignal(), 0, 0.0, 0, 0, time.time()
-    bar = tqdm(total=r["iters"], initial=start_step, disable=not master, dynamic_ncols=True)
-    for step in range(start_step, r["iters"]):
-        for group in optimizer.param_groups:
-            group["lr"] = group_lr(step, group["lr_scale"], r)
-        loss_acc = torch.zeros((), device=device)
-        for micro in range(r["accum"]):
-            x, labels, _, n_bad = next(batches)
-            bad += int(n_bad.sum())
-            # mixing and drop path are seeded by (seed, step, micro-batch): a resumed run repeats them
-            torch.manual_seed(mim.micro_seed(args.seed, step, micro * world + rank))
-            x, target = mix(x.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-            # gradients are all-reduced only on the last micro-step
-            with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
-                with ctx:
-                    logits = model(x)
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE, fp32
-                (loss / r["accum"]).backward()  # gradients add up over micro-steps: their sum is the batch mean
-            loss_acc += loss.detach() / r["accum"]
-        _, skipped_in_row = mim.optimizer_step(raw_model, optimizer, args.clip_grad, skipped_in_row, step, ckpt_path)
-        state["skipped_steps"] += skipped_in_row > 0
-        loss_sum, loss_n, done = loss_sum + loss_acc, loss_n + 1, step + 1
-        bar.update(1)
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = mim.ddp(model, device)
 
-        end_of_epoch = done % spe == 0 or done == r["iters"]
-        if end_of_epoch:  # .item() and all_reduce only here: they are sync points
-            top1, top5, _ = evaluate(raw_model, val_loader, device, ctx)
-            tot, n_bad_all = mim.all_sum(float(loss_sum), bad, device=device)
-            state["bad_images"] += int(n_bad_all)
-            row = dict(epoch=done / spe, step=done, train_loss=tot / (loss_n * world), lr=group_lr(step, 1.0, r),
-                       top1=top1, top5=top5, img_per_s=loss_n * B / (time.time() - t0), bad_images=state["bad_images"])
-            log(**row)
-            if master:
-                bar.write(f"epoch {done / spe:g} (step {done}): train_loss {row['train_loss']:.4f}, top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-            # the best of each over the epochs, as the official max_accuracy (and the paper) report
-            state.update(last_top1=top1, last_top5=top5, best_top1=max(top1, state["best_top1"] or 0.0),
-                         best_top5=max(top5, state["best_top5"] or 0.0))
-            loss_sum, loss_n, bad, t0 = 0.0, 0, 0, time.time()
-        preempted = stop.should_stop(device)
-        if end_of_epoch or preempted:
-            mim.checkpoint_boundary(master, lambda: mim.save_checkpoint(
-                ckpt_path, raw_model, optimizer, done, args=vars(args), run=run_info, pretrained=pretrained,
-                model_config=swinv2.model_config(raw_model), state=state), preempted, ckpt_path, done)
-    bar.close()
-    stop.restore()
+    def loss_fn(batch):
+        x, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        x, target = mix(data.normalize(x), labels)  # seeded by the loop, per micro-batch
+        with ctx:
+            logits = model(x)
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean(), {}  # soft-target CE, fp32
 
-    if master and start_step < r["iters"]:
-        mim.save_json(os.path.join(out_dir, "summary.json"), dict(
-            kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
-            **{k: state[k] for k in ("best_top1", "best_top5", "last_top1", "last_top5", "skipped_steps", "bad_images")}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return dict(top1=state["last_top1"], top5=state["last_top5"])
+    def accuracy(step):
+        top1, top5, _ = evaluate(raw_model, val_loader, device, ctx)
+        if master:
+            tqdm.write(f"epoch {step / r['epoch_steps']:g} (step {step}): top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+        return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
 
+    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model))
+    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: group_lr(step, scale, r),
+              accuracy, meta, loop, device)
+
+    # ---- the summary, from the log: the best epoch, as the official max_accuracy (and the paper) report, and the last
+    if not master:
+        return {}
+    rows = [row for _, row in run.rows()]
+    evals, last = [row for row in rows if "top1" in row], [row for row in rows if "train_loss" in row][-1]
+    summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
+                   best_top1=max(row["top1"] for row in evals), best_top5=max(row["top5"] for row in evals),
+                   last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"], skipped_steps=last["skipped_steps"],
+                   bad_images=last["bad_images"], bad_files=last["bad_files"])
+    mim.save_json(run.file("summary.json"), summary)
+    return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 
 if __name__ == "__main__":
     main()

@@ -19,10 +19,15 @@ continues exactly where it stopped; checkpoints need no RNG state. Read next: fi
 """
 import argparse
 import contextlib
+import fcntl
+import functools
+import glob
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import time
 
@@ -125,43 +130,80 @@ class SimMIM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# command line: every flag checks its own value, before any work starts
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage first, and ours is long)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, lo, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite int or float in [lo, hi] (or open at either end), e.g.
+    number(float, 0, lo_open=True) for > 0. A bad value is refused naming the flag, value and range."""
+    want = (f"{'>' if lo_open else '>='} {lo:g}" if hi is None else
+            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'} {want}, got {text!r}") from None
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return v
+    return parse
+
+
+count, natural, positive, non_negative = number(int, 1), number(int, 0), number(float, 0, lo_open=True), number(float, 0)
+
+
+def model_name(text):
+    """--model: a preset name; the paper's letters in either case (b = B), but G is not g: SwinV2-G (3B) is
+    not a preset, the paper's giant is g."""
+    names = {k.lower(): k for k in swinv2.PRESETS}
+    if text in swinv2.PRESETS or text != "G" and text.lower() in names:
+        return names[text.lower()]
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(swinv2.PRESETS)} "
+                                     "(the paper's giant is g; SwinV2-G, 3B, is not a preset)")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="SimMIM pre-training of SwinV2 (the data-scaling study)")
+    p = Parser(prog="mim.py", description="SimMIM pre-training of SwinV2 (the data-scaling study)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or the CPU sizes nano, tiny")
-    g.add_argument("--img_size", type=int, default=None, help="input pixels; default: the preset's (192; tiny 64)")
-    g.add_argument("--window", type=int, default=None, help="attention window; default: the preset's (12; tiny 4)")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate, rising over blocks (paper 0.1)")
+    g.add_argument("--model", type=model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or the CPU sizes nano, tiny")
+    g.add_argument("--img_size", type=count, default=None, help="input pixels; default: the preset's (192; tiny 64)")
+    g.add_argument("--window", type=count, default=None, help="attention window; default: the preset's (12; tiny 4)")
+    g.add_argument("--drop_path", type=number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate, rising over blocks (paper 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("masking and loss")
-    g.add_argument("--mask_patch", type=int, default=None, help="mask cell in pixels; default 32 (tiny 16)")
-    g.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of cells masked, rounded up (paper 0.6)")
-    g.add_argument("--norm_target", type=int, default=None, help="target normalisation window in pixels, odd, 0 = off; default 47 (official; tiny 0)")
+    g.add_argument("--mask_patch", type=count, default=None, help="mask cell in pixels; default 32 (tiny 16)")
+    g.add_argument("--mask_ratio", type=number(float, 0, 1, True, True), default=0.6, help="fraction of cells masked, rounded up (paper 0.6)")
+    g.add_argument("--norm_target", type=natural, default=None, help="target normalisation window in pixels, odd, 0 = off; default 47 (official; tiny 0)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/, a file list, or 'synthetic'")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/, a file list, or 'synthetic' (the CPU demo)")
     g.add_argument("--val_data", default=None, help="validation images; default: the val split of --data")
-    g.add_argument("--frac", type=float, default=1.0, help="fraction of the training set, in (0, 1] (paper 0.1, 0.2, 0.5, 1)")
-    g.add_argument("--subset_seed", type=int, default=0, help="seed of the subset permutation (nested across --frac)")
-    g.add_argument("--val_images", type=int, default=50000, help="held-out images for the validation loss (IN-1K val: 50000)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU (the CPU computes)")
+    g.add_argument("--frac", type=number(float, 0, 1, lo_open=True), default=1.0, help="fraction of the training set, in (0, 1] (paper 0.1, 0.2, 0.5, 1)")
+    g.add_argument("--subset_seed", type=natural, default=0, help="seed of the subset permutation (nested across --frac)")
+    g.add_argument("--val_images", type=count, default=50000, help="held-out images for the validation loss (IN-1K val: 50000)")
+    g.add_argument("--workers", type=natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU (the CPU computes)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None, help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 150)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch in images; default 2048 (paper; tiny 64)")
-    g.add_argument("--micro_batch", type=int, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=float, default=None, help="peak LR per 512 images, scaled by batch/512; default 1e-4 (paper; tiny 3.2e-2)")
-    g.add_argument("--warmup_lr", type=float, default=5e-7, help="LR at step 0 per 512 images (paper 5e-7)")
-    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps; default iters/80 (6250 at 500K)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (paper 0.05)")
-    g.add_argument("--clip_grad", type=float, default=5.0, help="max gradient norm (paper 5.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, crops, masks, drop path")
+    g.add_argument("--iters", type=count, default=None, help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 150)")
+    g.add_argument("--batch_size", type=count, default=None, help="global batch in images; default 2048 (paper; tiny 64)")
+    g.add_argument("--micro_batch", type=count, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1e-4 (paper; tiny 3.2e-2)")
+    g.add_argument("--warmup_lr", type=non_negative, default=5e-7, help="LR at step 0 per 512 images (paper 5e-7)")
+    g.add_argument("--warmup_iters", type=natural, default=None, help="linear warmup steps; default iters/80 (6250 at 500K)")
+    g.add_argument("--weight_decay", type=non_negative, default=0.05, help="AdamW weight decay (paper 0.05)")
+    g.add_argument("--clip_grad", type=non_negative, default=5.0, help="max gradient norm, 0 = no clipping (paper 5.0)")
+    g.add_argument("--seed", type=natural, default=0, help="seed of init, data order, crops, masks, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/{model}_frac{frac}_{iters/1000}k; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=int, default=None, help="steps between validation losses; default 5000 (tiny 50)")
-    g.add_argument("--log_every", type=int, default=None, help="steps between log lines; default 50 (tiny 10)")
-    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints; default 1000 (tiny 50)")
+    g.add_argument("--eval_every", type=count, default=None, help="steps between validation losses; default 5000 (tiny 50)")
+    g.add_argument("--log_every", type=count, default=None, help="steps between log lines; default 50 (tiny 10)")
+    g.add_argument("--save_every", type=count, default=None, help="steps between checkpoints; default 1000 (tiny 50)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="measure the validation loss of --out_dir's checkpoint, write eval.json")
@@ -176,35 +218,50 @@ RECIPES = {
     "paper": dict(iters=500000, batch_size=2048, lr=1e-4, mask_patch=32, norm_target=47, eval_every=5000, log_every=50, save_every=1000),
     "cpu": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10, save_every=50),
 }
+# Flags that never change what a run computes: free to change when a run resumes (see RunDir.resume).
+FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir", "eval_only",
+        "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
+
+
+def check_out_dir(path):
+    """Refuse an --out_dir that is a file or cannot be created, before anything is written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out_dir {path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {path}: {parent} is not writable")
+
+
+def batch_split(B, micro_batch, world_size):
+    """(micro-batch, accumulation steps) for a global batch B: the micro-batch defaults to B / world size."""
+    mb = micro_batch or B // world_size
+    if mb == 0 or B % (mb * world_size):
+        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {mb} x {world_size} processes")
+    return mb, B // (mb * world_size)
 
 
 def resolve(args, world_size):
-    """Validate the flags and derive everything the run needs, in one visible place. Returns a dict;
+    """Check the flags together and derive everything the run needs, in one visible place. Returns a dict;
     args itself is never modified. Raises ValueError with a one-line message naming the flag."""
-    if args.model not in swinv2.PRESETS:
-        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
-    if not 0 < args.frac <= 1:
-        raise ValueError(f"--frac must be in (0, 1], got {args.frac}")
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     preset = swinv2.PRESETS[args.model]
-    r["img_size"] = args.img_size or preset.get("img_size", 192)
-    r["window"] = args.window or preset.get("window_size", 12)
-    if r["norm_target"] and r["norm_target"] % 2 == 0:
+    r["img_size"] = args.img_size if args.img_size is not None else preset.get("img_size", 192)
+    r["window"] = args.window if args.window is not None else preset.get("window_size", 12)
+    if r["norm_target"] % 2 == 0 and r["norm_target"]:
         raise ValueError(f"--norm_target must be odd (or 0 to turn it off), got {r['norm_target']}")
-    for flag in ("iters", "batch_size", "eval_every", "log_every", "save_every"):
-        if r[flag] <= 0:
-            raise ValueError(f"--{flag} must be positive, got {r[flag]}")
     B = r["batch_size"]
-    r["micro_batch"] = args.micro_batch or B // world_size
-    if B % (r["micro_batch"] * world_size):
-        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {r['micro_batch']} x {world_size} processes")
-    r["accum"] = B // (r["micro_batch"] * world_size)
+    r["micro_batch"], r["accum"] = batch_split(B, args.micro_batch, world_size)
     # linear scaling rule (SimMIM): LRs are given per 512 images
     r["peak_lr"], r["start_lr"] = r["lr"] * B / 512, args.warmup_lr * B / 512
     r["warmup_iters"] = args.warmup_iters if args.warmup_iters is not None else r["iters"] // 80
+    if r["warmup_iters"] > r["iters"]:
+        raise ValueError(f"--warmup_iters {r['warmup_iters']} is longer than --iters {r['iters']}")
     r["milestone"] = r["iters"] * 7 // 8  # x0.1 after 7/8 of training (official: epoch 700 of 800)
     r["out_dir"] = args.out_dir or f"out/{args.model}_frac{args.frac:g}_{r['iters'] / 1000:g}k"
+    check_out_dir(r["out_dir"])
     MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio)  # checks the sizes
     try:  # checks that the windows tile every stage's feature map
         swinv2.SwinV2Config(**dict(preset, img_size=r["img_size"], window_size=r["window"]))
@@ -213,8 +270,15 @@ def resolve(args, world_size):
     return r
 
 
+def identity_of(args, r, **content):
+    """What a run computes: every flag not in FREE, at its resolved value, plus the data's content
+    (`content`: sizes and hashes). A checkpoint with another identity belongs to another run."""
+    flags = {k: r.get(k, v) for k, v in vars(args).items() if k not in FREE}
+    return dict(flags, **content)
+
+
 # -----------------------------------------------------------------------------
-# training plumbing, shared with finetune.py
+# training plumbing, shared with finetune.py, detect.py and segment.py
 
 
 def open_splits(data_path, val_path=None):
@@ -233,12 +297,11 @@ def setup_distributed():
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
 
 
@@ -253,6 +316,31 @@ def all_sum(*values, device):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def fail(message, master):
+    """End this process with one line (printed by rank 0; the other ranks found the same error)."""
+    sys.exit(f"error: {message}" if master else 1)
+
+
+def agree(error, master):
+    """Every rank ends if rank 0 found an error (for checks only rank 0 makes, such as the lock)."""
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        fail(error, master)
+
+
+def amp_dtype(device, flag):
+    """--dtype: auto = bf16 autocast on CUDA (no loss scaler needed, unlike the official fp16), fp32 on CPU."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def get_lr(step, peak_lr, start_lr, warmup_iters, iters, milestone=None, min_lr=0.0, schedule="step"):
@@ -284,32 +372,30 @@ def param_groups(model, weight_decay, skip=("mask_token",), layer_scale=None):
     return list(groups.values())
 
 
-def optimizer_step(raw_model, optimizer, clip_grad, skipped_in_row, step, ckpt_path):
-    """Clip, then step, or skip a step whose gradient is not finite; 10 skipped in a row stop the run
-    (the last checkpoint stays intact). The gradient is already all-reduced, so every rank sees the
-    same norm and takes the same branch. Returns (grad norm, non-finite steps in a row)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-        skipped_in_row = 0
-    else:
-        skipped_in_row += 1
-        if skipped_in_row >= 10:
-            sys.exit(f"error: 10 non-finite steps in a row at step {step}; the last good checkpoint is {ckpt_path}")
+def adamw(groups, lr):
+    """AdamW (0.9, 0.999), eps 1e-8, as the official code. Fused (one kernel for all tensors, on CPU too),
+    because the fused kernel can skip a step on the device (see optimizer_step)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def optimizer_step(raw_model, optimizer, clip_grad):
+    """Clip the gradient norm to clip_grad (0: no clipping) and step, unless the norm is NaN or inf:
+    then the fused AdamW skips the whole update on the device (`found_inf`, the hook torch's GradScaler
+    uses), so the decision costs no host sync. The gradient is already all-reduced, so every rank sees
+    the same norm and skips together. Returns (taken, norm) as device tensors."""
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad or math.inf)
+    taken = torch.isfinite(norm)
+    optimizer.found_inf = (~taken).float()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped_in_row
+    return taken, norm
 
 
-def checkpoint_boundary(master, save, preempted, ckpt_path, step):
-    """A step boundary that saves: rank 0 writes the checkpoint (save()), every rank waits for it, so no
-    rank starts the next step or exits before the file is complete; on SIGTERM all ranks then exit 0."""
-    if master:
-        save()
-    if dist.is_initialized():
-        dist.barrier()
-    if preempted:
-        print0(f"SIGTERM: saved {ckpt_path} at step {step}; run the same command again to resume")
-        sys.exit(0)
+def ddp(model, device):
+    """DDP: gradients all-reduced in buckets during backward. gradient_as_bucket_view makes each .grad a
+    view into its bucket instead of a copy (4 bytes per parameter saved: 4.2 GB for g)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+               gradient_as_bucket_view=True)
 
 
 def atomic_write(path, write):
@@ -323,79 +409,333 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def finite(obj):
+    """obj with NaN and inf replaced by None (JSON has no NaN; a NaN result must not pass for a number)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
 def save_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(finite(obj), indent=1) + "\n").encode()))
 
 
-def save_checkpoint(path, raw_model, optimizer, step, **meta):
-    """A plain dict, loadable with torch.load(weights_only=True): model (unwrapped, uncompiled, official
-    key names), optimizer, step (completed optimizer steps), plus metadata."""
-    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, **meta)
-    atomic_write(path, lambda f: torch.save(state, f))
+def load_checkpoint(path, need=()):
+    """torch.load(weights_only=True) of a checkpoint, or a one-line ValueError that says what is wrong
+    and what to do; the file itself is never changed. mmap: tensors are read when used, so reading the
+    encoder of a g checkpoint does not load its 8 GB of AdamW state on every rank."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, empty, garbage, or pickled classes: torch raises many kinds
+        if "GLOBAL" in str(e):  # a complete file that pickles a class (the official yacs config)
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))[1]
+            raise ValueError(f"{path} pickles {what}, which weights_only loading refuses; if you trust the file, keep its "
+                             f"weights: python -c \"import torch; torch.save({{'model': torch.load('{path}', weights_only=False)"
+                             f"['model']}}, 'weights.pt')\" and use weights.pt") from None
+        why = "an empty file" if os.path.getsize(path) == 0 else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        raise ValueError(f"{path} is not a readable checkpoint ({why}); it was left as it is: move it away to start "
+                         f"over (mv {path} {path}.broken)") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this script (no {', '.join(missing)}); it was left as it is: "
+                         f"move it away to start over (mv {path} {path}.broken)")
+    return ckpt
 
 
-def load_checkpoint(path):
-    # mmap: tensors are read from disk when used, so reading the encoder of a g checkpoint does not
-    # load its 8 GB of AdamW state on every rank
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+class RunDir:
+    """A run directory (--out_dir): args.json, log.jsonl, ckpt.pt, summary.json, and what the script adds.
 
+    - One run at a time: rank 0 holds an OS lock (flock) on `.lock` while the run lasts; a second process
+      on the directory is refused. The OS drops the lock when its holder dies, even by SIGKILL.
+    - Files are written atomically (temp file + rename), except log.jsonl, which is appended row by row
+      and, on resume, cut back to the checkpoint's step: the rows after it were written by the
+      interrupted run and are written again, identically, by the resumed one.
+    - A checkpoint records the identity of its run (identity_of); a run with another identity is refused."""
 
-class Log:
-    """log.jsonl (one JSON object per line, appended, flushed) on rank 0; a no-op elsewhere."""
+    def __init__(self, path, master):
+        self.path, self.master, self.lock = path, master, None
+        self.ckpt = self.file("ckpt.pt")
 
-    def __init__(self, out_dir, master):
-        self.path, self.master = os.path.join(out_dir, "log.jsonl"), master
+    def file(self, name):
+        return os.path.join(self.path, name)
 
-    def __call__(self, **row):
+    def acquire(self):
+        """Rank 0: create the folder, take the lock, remove the temp files of a killed save. Returns an
+        error message (the folder is in use) or None."""
+        os.makedirs(self.path, exist_ok=True)
+        self.lock = open(self.file(".lock"), "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "another process"
+            self.release()
+            return f"{self.path} is in use by {holder}: wait for it to end, or use another --out_dir"
+        self.lock.truncate(0)
+        self.lock.write(f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        self.lock.flush()
+        for tmp in glob.glob(self.file("*.tmp*")):  # we hold the lock: nobody else is writing them
+            os.remove(tmp)
+        return None
+
+    def release(self):
+        if self.lock:
+            self.lock.close()  # closing the file releases the lock
+            self.lock = None
+
+    def resume(self, identity, raw_model, optimizer, master):
+        """Continue from ckpt.pt if there is one (every rank): refuse another run's checkpoint, restore the
+        weights, the optimizer and the loop's state, cut log.jsonl back to the checkpoint's step. Returns
+        the loop state (a fresh one without a checkpoint)."""
+        if not os.path.exists(self.ckpt):
+            if master and os.path.exists(self.file("log.jsonl")):  # killed before its first checkpoint
+                os.remove(self.file("log.jsonl"))
+            return dict(step=0)
+        try:
+            ckpt = load_checkpoint(self.ckpt, need=("model", "optimizer", "step", "identity", "loop"))
+        except ValueError as e:
+            fail(e, master)
+        differ = [f"{'--' if k in vars_of(identity) else ''}{k} {ckpt['identity'].get(k)} there, {identity.get(k)} here"
+                  for k in sorted(set(identity) | set(ckpt["identity"])) if ckpt["identity"].get(k) != identity.get(k)]
+        if differ:
+            fail(f"{self.ckpt} belongs to another run: {'; '.join(differ)}. Rerun with its flags, or use another --out_dir", master)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if master:
+            self.cut_log(ckpt["step"])
+        return dict(ckpt["loop"], step=ckpt["step"], metrics=ckpt.get("metrics", {}))
+
+    def rows(self):
+        """The rows of log.jsonl, up to the first one a kill cut in half."""
+        rows = []
+        if os.path.exists(self.file("log.jsonl")):
+            for line in open(self.file("log.jsonl")):
+                try:
+                    rows.append((line, json.loads(line)))
+                except ValueError:
+                    break
+        return rows
+
+    def cut_log(self, step):
+        """Keep the rows of steps <= step, byte for byte."""
+        keep = "".join(line for line, row in self.rows() if row["step"] <= step)
+        atomic_write(self.file("log.jsonl"), lambda f: f.write(keep.encode()))
+
+    def log(self, **row):
+        """Append a row to log.jsonl (rank 0). NaN or inf become null: a failed number is not a number."""
         if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with open(self.file("log.jsonl"), "a") as f:
+                f.write(json.dumps(finite(row)) + "\n")
+
+    def save(self, raw_model, optimizer, step, **meta):
+        """Rank 0 writes ckpt.pt: a plain dict, loadable with torch.load(weights_only=True): model (unwrapped,
+        uncompiled, official key names), optimizer, step (completed optimizer steps), plus meta. The log rows it
+        covers are fsynced first. Every rank waits for the file, so none runs ahead or exits before it exists."""
+        if self.master:
+            with open(self.file("log.jsonl"), "a") as f:
+                os.fsync(f.fileno())
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, **meta)
+            atomic_write(self.ckpt, lambda f: torch.save(state, f))
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def vars_of(identity):
+    """The keys of an identity that are flags (the others describe the data's content)."""
+    return {k for k in identity if not k.startswith("data_")}
 
 
 class StopSignal:
-    """SIGTERM (preemption) sets a flag; the loop checks it at step boundaries, on all ranks at once.
-    The first SIGTERM puts the previous handler back, so a second one ends the process at once."""
+    """SIGTERM (preemption) or Ctrl-C (SIGINT) asks the run to stop: the loop saves a checkpoint at the end
+    of the step and exits (0 after SIGTERM, 130 after Ctrl-C, as a shell expects). A second Ctrl-C stops at
+    once; a second SIGTERM changes nothing (schedulers often send one to every process of a job, and
+    torchrun forwards its own). Every rank must stop at the same step, so `requested()` all-reduces the
+    flags: a CPU tensor on a gloo group, which waits for the other processes but never for the GPU."""
 
     def __init__(self):
-        self.flag, self.previous = False, signal.signal(signal.SIGTERM, self.handle)
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        nccl = dist.is_initialized() and dist.get_backend() != "gloo"
+        self.group = dist.new_group(backend="gloo") if nccl else None
 
-    def handle(self, *_):
-        self.flag = True
-        self.restore()
+    def handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping"
+                  f"{' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            print("\nCtrl-C again: stopped at once; the last checkpoint stays", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    def requested(self):
+        flag = torch.tensor([self.signum or 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
-
-    def should_stop(self, device):
-        return all_sum(self.flag, device=device)[0] > 0
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def autocast(device, dtype_flag):
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_flag]
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+def micro_seed(seed, step, chunk):
+    """Seed of drop path (and fine-tuning's mixing) for micro-batch `chunk` (= micro-step * world + rank)."""
+    return (seed * 1_000_003 + step) * 4096 + chunk
+
+
+MAX_NON_FINITE = 10  # non-finite steps in a row that stop a run: its gradients are broken, not one batch
+
+
+class Window:
+    """What the loop gathers between two log rows: each step's losses (averaged over ranks on the device:
+    no host sync per step) and whether the step was taken, the last gradient norm, unreadable images.
+    settle() brings it to the host at log and save boundaries. The checkpoint keeps it, so the first row
+    after a resume averages the same steps, to the bit, as an uninterrupted run's; the totals (skipped
+    steps, unreadable images and files) run over the whole run."""
+
+    def __init__(self, loop, stream, world):
+        self.steps = loop.get("steps", [])  # settled steps: [loss, *terms, taken]
+        self.skipped, self.streak = loop.get("skipped", 0), 0  # never saved with a streak open: it is 0
+        self.bad, self.bad_files = loop.get("bad", 0), set(loop.get("bad_files", []))
+        self.stream, self.world, self.names = stream, world, None
+        self.pending, self.my_bad, self.my_files, self.norm = [], 0, set(), None
+        self.timed, self.wait, self.t0 = 0, 0.0, time.time()
+
+    def add(self, losses, terms, taken, norm):
+        """One optimizer step: its losses (the mean over micro-steps), as a device tensor."""
+        self.names = list(terms)
+        v = torch.stack([losses.detach().float()] + [t.detach().float() for t in terms.values()])
+        if dist.is_initialized():
+            dist.all_reduce(v)  # each step on its own: a sum over ranks is then the same however long the window
+            v = v / self.world
+        self.pending.append(torch.cat([v, taken.float().view(1)]))
+        self.norm, self.timed = norm, self.timed + 1
+
+    def note_bad(self, pos, bad):
+        """Unreadable files skipped for a micro-batch (from its items' positions and skip counts)."""
+        for p, n in zip(pos.tolist(), bad.tolist()):
+            if n:
+                self.my_bad += n
+                for i in self.stream.skipped(p, n):
+                    if i not in self.bad_files and i not in self.my_files:
+                        tqdm.write(f"unreadable image {data.failure(self.stream.dataset, i)}: replaced by another sample")
+                    self.my_files.add(i)
+
+    def settle(self, device):
+        """The host side of a boundary (every rank): the pending steps' values (one sync), the streak of
+        non-finite steps, and the unreadable images of all ranks."""
+        for s in torch.stack(self.pending).tolist() if self.pending else []:
+            self.steps.append(s)
+            self.streak = 0 if s[-1] else self.streak + 1
+            self.skipped += not s[-1]
+        self.pending = []
+        bad = int(all_sum(self.my_bad, device=device)[0])
+        if bad:  # rare: gather the names
+            files = [self.my_files] * self.world
+            if dist.is_initialized():
+                dist.all_gather_object(files, self.my_files)
+            self.bad, self.bad_files = self.bad + bad, self.bad_files.union(*files)
+        self.my_bad, self.my_files = 0, set()
+
+    def row(self, step, epoch, lr, batch_size, device):
+        """The log row of the steps since the last one, averaged over the steps taken."""
+        self.settle(device)
+        taken = [s for s in self.steps if s[-1]]
+        mean = lambda i: sum(s[i] for s in taken) / len(taken) if taken else None
+        dt, wait = time.time() - self.t0, all_sum(self.wait, device=device)[0] / self.world
+        row = dict(step=step, epoch=epoch, lr=lr, train_loss=mean(0), **{n: mean(i + 1) for i, n in enumerate(self.names)},
+                   grad_norm=float(self.norm), img_per_s=self.timed * batch_size / dt, data_wait=wait / dt,
+                   skipped_steps=self.skipped, bad_images=self.bad, bad_files=len(self.bad_files))
+        self.steps, self.timed, self.wait, self.t0 = [], 0, 0.0, time.time()
+        return row
+
+    def state(self):
+        return dict(steps=self.steps, skipped=self.skipped, bad=self.bad, bad_files=sorted(self.bad_files))
+
+
+def train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lr_at, evaluate, meta, loop, device):
+    """The training loop of every script. Per optimizer step: set each group's LR; run r['accum']
+    micro-batches, gradients summed (DDP all-reduces them on the last one only); step, or skip a step
+    whose gradient is not finite. Then the boundary: a log row every r['log_every'] steps, an evaluation
+    every r['eval_every'], a checkpoint every r['save_every'], and a stop if SIGTERM/Ctrl-C came.
+
+    loss_fn(batch) -> (loss, {name: term}) runs the forward of one micro-batch; lr_at(step, scale) is the
+    LR of a parameter group with that lr_scale; evaluate(step) -> {metric: value}, on every rank; meta()
+    (metrics) -> what the script adds to the checkpoint. `loop` is RunDir.resume's state. Randomness: data.py's
+    stream fixes the data of each step; drop path (and mixing) are seeded by (seed, step, micro-batch)."""
+    master, world = run.master, dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    window, stop, metrics = Window(loop, stream, world), StopSignal(), loop.get("metrics", {})
+    bar = tqdm(total=r["iters"], initial=loop["step"], disable=not master, dynamic_ncols=True)
+    try:
+        for step in range(loop["step"], r["iters"]):
+            # ---- the step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, group["lr_scale"])
+            losses = []
+            for micro in range(r["accum"]):
+                t = time.time()
+                batch = next(batches)  # (x, labels, positions, unreadable files skipped, *extra)
+                window.wait += time.time() - t
+                window.note_bad(batch[2], batch[3])
+                torch.manual_seed(micro_seed(r["seed"], step, micro * world + rank))
+                with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
+                    loss, terms = loss_fn(batch)
+                    # gradients add up over micro-steps: divide so that their sum is the mean over the global batch
+                    (loss / r["accum"]).backward()
+                losses.append(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float())
+            taken, norm = optimizer_step(raw_model, optimizer, r["clip_grad"])
+            mean = torch.stack(losses).mean(0)  # (1 + terms,): the step's losses
+            window.add(mean[0], dict(zip(terms, mean[1:])), taken, norm)
+            done, last = step + 1, step + 1 == r["iters"]
+            bar.update()
+
+            # ---- the boundary: log, evaluate, save, stop (the loop's only host syncs)
+            if done % r["log_every"] == 0 or last:
+                row = window.row(done, done / r["epoch_steps"], lr_at(step, 1.0), r["batch_size"], device)
+                run.log(**row)
+                bar.set_postfix(loss=f"{row['train_loss'] or math.nan:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+            if window.streak >= MAX_NON_FINITE:
+                fail(f"{window.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: the "
+                     f"weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a rerun "
+                     f"repeats the same steps. Lower --lr, or look at the data", master)
+            if done % r["eval_every"] == 0 or last:
+                metrics = evaluate(done)
+                run.log(step=done, **metrics)
+            signum = stop.requested()
+            if done % r["save_every"] == 0 or last or signum:
+                window.settle(device)
+                if window.streak:  # never save inside a streak: a rerun must meet it again from its start
+                    bar.write(f"step {done}: not saved, the last {window.streak} steps were not finite", file=sys.stderr)
+                    if last:
+                        fail(f"the last {window.streak} steps were not finite: the final checkpoint was not written", master)
+                else:
+                    run.save(raw_model, optimizer, done, loop=window.state(), metrics=metrics, **meta(metrics))
+                    if signum:
+                        bar.write(f"saved {run.ckpt} at step {done}; run the same command again to resume", file=sys.stderr)
+            if signum:
+                sys.exit(0 if signum == signal.SIGTERM else 128 + signum)
+    finally:
+        bar.close()
+        stop.restore()
 
 
 # -----------------------------------------------------------------------------
 # validation loss and pictures
 
 
-def micro_seed(seed, step, chunk):
-    """Seed of drop path for micro-batch `chunk` (= micro-step * world + rank) of a step."""
-    return (seed * 1_000_003 + step) * 4096 + chunk
-
-
 @torch.no_grad()
-def estimate_val_loss(model, loader, masks, device, ctx):
+def estimate_val_loss(model, loader, device, ctx):
     """The validation loss is a measurement: fixed images, a deterministic transform, the mask of an
     image seeded by its index, and (sum, count) reduced over ranks, so a checkpoint gives the same
     number whatever the world size or micro-batch."""
     model.eval()
     err, count = 0.0, 0.0
-    for x, _, idx, _ in loader:
-        mask = torch.stack([masks(int(i)) for i in idx]).to(device)
+    for x, _, _, _, mask in loader:
         with ctx:
-            e, n = model.errors(x.to(device), mask)
+            e, n = model.errors(data.normalize(x.to(device, non_blocking=True)), mask.to(device, non_blocking=True))
         err, count = err + e.item(), count + n.item() * x.shape[1]
     model.train()
     err, count = all_sum(err, count, device=device)
@@ -403,26 +743,38 @@ def estimate_val_loss(model, loader, masks, device, ctx):
 
 
 @torch.no_grad()
-def save_pictures(path, model, val_set, masks, device, n=4):
-    """A grid, one row per image: input, masked input, reconstruction, reconstruction pasted into the
-    visible part. Outputs at unmasked positions are never trained, so only the masked part means
-    anything. With --norm_target the model predicts locally normalised pixels; we map them back
-    with the local statistics of the full image (a picture, not a measurement)."""
+def save_pictures(path, model, val_set, device, step, n=4):
+    """A labelled grid, one row per validation image: the input, the masked input (masked cells grey), the
+    prediction, and the prediction pasted into the visible part. Outputs at unmasked positions are never
+    trained, so only the masked part means anything. With --norm_target the model predicts locally
+    normalised pixels; we map them back with the local statistics of the full image (a picture, not a
+    measurement)."""
     import torchvision.utils
+    from PIL import Image, ImageDraw
 
     model.eval()
-    x = torch.stack([val_set[i][0] for i in range(n)]).to(device)
-    mask = torch.stack([masks(int(val_set[i][2])) for i in range(n)]).to(device)
+    items = [val_set[i] for i in range(n)]
+    x = data.normalize(torch.stack([it[0] for it in items]).to(device))
+    mask = torch.stack([it[4] for it in items]).to(device)
     pred = model.predict(x, mask).float()
     if model.norm_target:
         mean = local_mean(x, model.norm_target)
         std = (local_mean(x * x, model.norm_target) - mean**2).clamp(min=0).add(1e-6).sqrt()
         pred = pred * std + mean
     m = mask.repeat_interleave(model.patch_size, 1).repeat_interleave(model.patch_size, 2).unsqueeze(1)
-    mean, std = torch.tensor(data.IMAGENET_MEAN, device=device).view(3, 1, 1), torch.tensor(data.IMAGENET_STD, device=device).view(3, 1, 1)
-    rows = [x, x * (1 - m) + (-mean / std) * m, pred, x * (1 - m) + pred * m]  # masked part shown black
+    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    rows = [x, x * (1 - m) + ((0.5 - mean) / std) * m, pred, x * (1 - m) + pred * m]
     grid = torch.stack(rows, 1).flatten(0, 1) * std + mean  # (n*4, 3, H, W), back to [0, 1]
-    atomic_write(path, lambda f: torchvision.utils.save_image(grid.clamp(0, 1).cpu(), f, nrow=4, format="png"))
+    scale = max(1, 128 // x.shape[-1])  # small presets are enlarged (64 px -> 128), pixel for pixel
+    grid = grid.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    img = torchvision.utils.make_grid(grid.clamp(0, 1).cpu(), nrow=4, padding=2, pad_value=1.0)  # (3, H', W')
+    size = grid.shape[-1] + 2
+    canvas = Image.new("RGB", (img.shape[2], img.shape[1] + 16), "white")
+    canvas.paste(Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy()), (0, 16))
+    draw = ImageDraw.Draw(canvas)
+    for col, label in enumerate([f"input (step {step})", "masked", "prediction", "pasted in"]):
+        draw.text((col * size + 4, 2), label, fill="black")
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
     model.train()
 
 
@@ -431,158 +783,134 @@ def save_pictures(path, model, val_set, masks, device, n=4):
 
 
 def main(argv=None):
+    # ---- set-up: flags, data, processes (every bad flag is refused before any work starts)
     args = get_parser().parse_args(argv)
-    world_hint = int(os.environ.get("WORLD_SIZE", 1))
-    try:  # every bad flag is refused before any work starts
-        r = resolve(args, world_hint)
+    try:
+        r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         train_set, val_set = open_splits(args.data, args.val_data)
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" + ("; for the CPU demo use --data synthetic" if args.data == "data/imagenet" else ""))
     rank, local_rank, world, device = setup_distributed()
-    master = rank == 0
-    out_dir = r["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = autocast(device, args.dtype)
+    master, run = rank == 0, RunDir(r["out_dir"], rank == 0)
+    try:
+        return pretrain(args, r, run, train_set, val_set, subset, device, master, world, rank)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pretrain(args, r, run, train_set, val_set, subset, device, master, world, rank):
+    ctx = autocast(device, amp_dtype(device, args.dtype))
     workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- the numbers of this run, derived once and printed
-    n_train = len(subset)
+    n_train, B = len(subset), r["batch_size"]
+    r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
     print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, window {r['window']}, mask {r['mask_patch']} px x {args.mask_ratio}")
-    print0(f"{'data':>14} {args.data}: {n_train} of {len(train_set)} images (frac {args.frac:g}), "
-           f"{r['iters'] * r['batch_size'] / n_train:.1f} epochs")
-    print0(f"{'global batch':>14} {r['batch_size']} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+    print0(f"{'data':>14} {args.data}: {n_train} of {len(train_set)} images (frac {args.frac:g}), {r['iters'] * B / n_train:.1f} epochs")
+    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
     print0(f"{'LR':>14} {r['lr']:g} per 512 -> {r['peak_lr']:.3g}, warmup {r['warmup_iters']} steps from {r['start_lr']:.3g}, "
            f"x0.1 from step {r['milestone']} of {r['iters']}")
 
-    # ---- data: subset manifest, train stream, fixed validation images
-    if master:
-        data.write_manifest(os.path.join(out_dir, "subset.txt"), train_set.names, subset)
+    # ---- data: the subset, the training stream, fixed validation images; masks are made in the workers
     subset_hash = data.subset_hash(train_set.names, subset)
     masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio)
     val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])  # fixed, whatever the run
-    val_stream = data.EvalSet(val_set, val_idx, data.val_transform(r["img_size"]))
+    val_stream = data.EvalSet(val_set, val_idx, data.val_transform(r["img_size"]), extra=masks)  # image i: mask seed i
     val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world), workers=workers)
 
     # ---- model and optimizer
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     encoder = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"], drop_path_rate=args.drop_path,
                             grad_ckpt=args.grad_ckpt)
-    model = SimMIM(encoder, r["norm_target"]).to(device)
-    raw_model = model
+    model = raw_model = SimMIM(encoder, r["norm_target"]).to(device)
     # Official quirk, kept: its no-decay keywords get an `encoder.` prefix and never match, so the
     # pre-training decays logit_scale and the cpb_mlp weights. Only 1-D params, biases and the mask
     # token are exempt. (Fine-tuning exempts cpb_mlp and logit_scale too.)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=r["peak_lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda" or None)  # None: the fast foreach path on CPU
+    optimizer = adamw(param_groups(model, args.weight_decay), r["peak_lr"])
     print0(f"{'parameters':>14} {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder, "
            f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M decoder")
+    identity = identity_of(args, r, data_train_images=len(train_set), data_subset_hash=subset_hash,
+                           data_val_images=len(val_stream), dtype=str(amp_dtype(device, args.dtype)))
 
-    # ---- resume from the run directory's checkpoint, if any
-    ckpt_path, start_step, skipped_total, bad_total = os.path.join(out_dir, "ckpt.pt"), 0, 0, 0
-    identity = dict(model=args.model, batch_size=r["batch_size"], iters=r["iters"], img_size=r["img_size"], window=r["window"])
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        theirs = {k: ckpt["run"][k] for k in identity}
-        if theirs != identity:
-            sys.exit(f"error: {ckpt_path} belongs to another run ({theirs}); this one is {identity}. Use another --out_dir")
+    if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
+        ckpt = load_or_fail(run.ckpt, master)
+        if ckpt["identity"].get("model") != args.model:
+            fail(f"{run.ckpt} is a SwinV2-{ckpt['identity'].get('model')} checkpoint; pass --model {ckpt['identity'].get('model')}", master)
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, skipped_total, bad_total = ckpt["step"], ckpt["skipped_steps"], ckpt["bad_images"]
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
-    elif args.eval_only:
-        sys.exit(f"error: --eval_only needs a checkpoint, and {ckpt_path} does not exist")
-
-    if args.eval_only:
-        val_loss = estimate_val_loss(raw_model, val_loader, masks, device, ctx)
-        print0(f"step {start_step}: val_loss {val_loss:.4f} on {len(val_stream)} images")
+        val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
+        print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {len(val_stream)} images")
         if master:
-            save_json(os.path.join(out_dir, "eval.json"), dict(step=start_step, val_loss=val_loss, val_images=len(val_stream)))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            save_json(run.file("eval.json"), dict(step=ckpt["step"], val_loss=val_loss, val_images=len(val_stream)))
         return val_loss
 
+    # ---- the run directory: lock, resume (another run's checkpoint is refused)
+    agree(run.acquire() if master else None, master)
+    loop = run.resume(identity, raw_model, optimizer, master)
+    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
+        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
+        return json.load(open(run.file("summary.json")))["val_loss"]
+    if loop["step"]:
+        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    if master:
+        data.write_manifest(run.file("subset.txt"), train_set.names, subset)
+        save_json(run.file("args.json"), dict(vars(args), identity=identity, world_size=world, micro_batch=r["micro_batch"],
+                                              accum=r["accum"], peak_lr=r["peak_lr"], warmup_iters=r["warmup_iters"],
+                                              milestone=r["milestone"], torch=str(torch.__version__)))
+
+    # ---- the loop
+    stream = data.TrainStream(train_set, subset, data.pretrain_transform(r["img_size"]), args.seed,
+                              extra=functools.partial(stream_mask, masks, args.seed))
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
+    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
     if args.compile:
         model = torch.compile(model)
     if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = ddp(model, device)
 
-    run_info = dict(identity, frac=args.frac, data=args.data, subset_size=n_train, subset_hash=subset_hash, seed=args.seed,
-                    world_size=world, micro_batch=r["micro_batch"], accum=r["accum"], peak_lr=r["peak_lr"],
-                    warmup_iters=r["warmup_iters"], milestone=r["milestone"], torch=str(torch.__version__))
-    if master:
-        save_json(os.path.join(out_dir, "args.json"), dict(vars(args), run=run_info))
-    log = Log(out_dir, master)
-    meta = lambda: dict(args=vars(args), run=run_info, model_config=swinv2.model_config(encoder),
-                        subset=dict(size=n_train, hash=subset_hash), skipped_steps=skipped_total, bad_images=bad_total,
-                        val_loss=val_loss)
+    def loss_fn(batch):
+        x, _, _, _, mask = batch
+        with ctx:
+            return model(data.normalize(x.to(device, non_blocking=True)), mask.to(device, non_blocking=True)), {}
 
-    # ---- the loop
-    stream = data.TrainStream(train_set, subset, data.pretrain_transform(r["img_size"]), args.seed)
-    sampler = data.StreamSampler(r["batch_size"], r["micro_batch"], rank, world, start_step)
-    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
-    stop, val_loss, train_loss, skipped_in_row = StopSignal(), None, None, 0
-    loss_sum, loss_n, skipped, bad, wait, t0 = 0.0, 0, 0, 0, 0.0, time.time()
-    bar = tqdm(total=r["iters"], initial=start_step, disable=not master, dynamic_ncols=True)
-    for step in range(start_step, r["iters"]):
-        lr = get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        loss_acc = torch.zeros((), device=device)
-        for micro in range(r["accum"]):
-            tw = time.time()
-            x, _, pos, n_bad = next(batches)
-            wait, bad = wait + time.time() - tw, bad + int(n_bad.sum())
-            mask = torch.stack([masks(args.seed * 2**40 + int(p)) for p in pos]).to(device, non_blocking=True)
-            torch.manual_seed(micro_seed(args.seed, step, micro * world + rank))  # drop path
-            # gradients are all-reduced only on the last micro-step
-            with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
-                with ctx:
-                    loss = model(x.to(device, non_blocking=True), mask)
-                # gradients add up over micro-steps: divide so their sum is the mean over the global batch
-                (loss / r["accum"]).backward()
-            loss_acc += loss.detach() / r["accum"]
-        grad_norm, skipped_in_row = optimizer_step(raw_model, optimizer, args.clip_grad, skipped_in_row, step, ckpt_path)
-        skipped += skipped_in_row > 0
-        loss_sum, loss_n = loss_sum + loss_acc, loss_n + 1
-        done, last = step + 1, step + 1 == r["iters"]
-        bar.update(1)
+    def evaluate(step):
+        val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
+        if master:
+            tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
+            save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
+        return dict(val_loss=val_loss)
 
-        if done % r["log_every"] == 0 or last:
-            # .item() / all_reduce here only: they are sync points
-            tot, n_bad_all, skip_all, wait_all = all_sum(float(loss_sum), bad, skipped, wait, device=device)
-            dt = time.time() - t0
-            skipped_total, bad_total = skipped_total + int(skip_all), bad_total + int(n_bad_all)
-            row = dict(step=done, lr=lr, train_loss=tot / (loss_n * world), grad_norm=float(grad_norm),
-                       img_per_s=loss_n * r["batch_size"] / dt, data_wait=wait_all / world / dt, bad_images=bad_total,
-                       skipped_steps=skipped_total, epoch=done * r["batch_size"] / n_train)
-            log(**row)
-            train_loss = row["train_loss"]
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}")
-            loss_sum, loss_n, skipped, bad, wait, t0 = 0.0, 0, 0, 0, 0.0, time.time()
-        if done % r["eval_every"] == 0 or last:
-            val_loss = estimate_val_loss(raw_model, val_loader, masks, device, ctx)
-            log(step=done, val_loss=val_loss)
-            if master:
-                bar.write(f"step {done}: val_loss {val_loss:.4f}")
-                save_pictures(os.path.join(out_dir, f"recon_{done:07d}.png"), raw_model, val_stream, masks, device)
-        preempted = stop.should_stop(device)
-        if done % r["save_every"] == 0 or last or preempted:
-            checkpoint_boundary(master, lambda: save_checkpoint(ckpt_path, raw_model, optimizer, done, **meta()),
-                                preempted, ckpt_path, done)
-    bar.close()
-    stop.restore()
+    lr_at = lambda step, scale: scale * get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
+    meta = lambda metrics: dict(identity=identity, args=vars(args), model_config=swinv2.model_config(encoder),
+                                subset=dict(size=n_train, hash=subset_hash), val_loss=metrics.get("val_loss"))
+    train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lr_at, evaluate, meta, loop, device)
 
-    if master and start_step < r["iters"]:
-        save_json(os.path.join(out_dir, "summary.json"), dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")),
-                  frac=args.frac, iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
-                  train_loss=train_loss, val_loss=val_loss, skipped_steps=skipped_total, bad_images=bad_total))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return val_loss
+    # ---- the summary, from the log (which a resume keeps identical to an uninterrupted run's)
+    if not master:
+        return None
+    rows = [row for _, row in run.rows()]
+    last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
+    summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
+                   iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
+                   train_loss=last("train_loss"), val_loss=last("val_loss"), skipped_steps=last("skipped_steps"),
+                   bad_images=last("bad_images"), bad_files=last("bad_files"))
+    save_json(run.file("summary.json"), summary)
+    return summary["val_loss"]
+
+def stream_mask(masks, seed, pos):
+    """The mask of training stream position pos (a picklable function, for the data-loader workers)."""
+    return masks(seed * 2**40 + pos)
+
+
+def load_or_fail(path, master):
+    if not os.path.exists(path):
+        fail(f"--eval_only needs a checkpoint, and {path} does not exist", master)
+    try:
+        return load_checkpoint(path, need=("model", "step", "identity"))
+    except ValueError as e:
+        fail(e, master)
 
 
 if __name__ == "__main__":
