@@ -15,22 +15,28 @@ Data: an ADEChallengeData2016 folder as released, or data.py's synthetic images 
 their shapes (so it runs on a CPU with no download). Read next: analyze.py.
 """
 import argparse
+import json
 import os
+import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 import data
 import finetune
 import mim
 import swinv2
+from mim import print0
 
 IGNORE = 255  # label of pixels that count nowhere: ADE's "other" (0) and the padding of small crops
+EVAL_WINDOWS = 8  # windows per forward in evaluation: a constant, so the scores do not depend on --micro_batch
 
 # -----------------------------------------------------------------------------
 # UPerNet, written out (mmsegmentation's UPerHead + FCNHead, Conv-BN-ReLU everywhere)
@@ -129,10 +135,12 @@ def predict(model, x):
 def seg_loss(logits, aux_logits, y, aux_weight=0.4):
     """Cross-entropy of the main and (weight 0.4) auxiliary logits, both upsampled to the label size, as
     mmseg. Mean over the labelled pixels of the micro-batch (PyTorch's ignore_index convention; mmseg's
-    default divides by all pixels, ignored ones included); a crop with none labelled contributes 0."""
+    default divides by all pixels, ignored ones included); a crop with none labelled contributes 0.
+    Returns (loss, main term, auxiliary term)."""
     n = (y != IGNORE).sum().clamp(min=1)
     ce = lambda z: F.cross_entropy(resize_to(z.float(), y), y, ignore_index=IGNORE, reduction="sum") / n
-    return ce(logits) + aux_weight * ce(aux_logits)
+    main, aux = ce(logits), ce(aux_logits)
+    return main + aux_weight * aux, main, aux
 
 
 # -----------------------------------------------------------------------------
@@ -441,39 +449,51 @@ def save_pictures(path, model, val_stream, num_classes, crop, stride, device, ct
 # command line
 
 
+def scale_pair(text):
+    """--scale 'LONG,SHORT' -> (long, short) pixels, an argparse type."""
+    try:
+        long, short = sorted((int(v) for v in text.split(",")), reverse=True)
+        if short > 0:
+            return long, short
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"want LONG,SHORT in pixels, e.g. 2048,512; got {text!r}")
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
+    p = mim.Parser(prog="segment.py", description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--crop", type=int, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
-    g.add_argument("--window", type=int, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
-    g.add_argument("--channels", type=int, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
-    g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
+    g.add_argument("--crop", type=mim.count, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
+    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
+    g.add_argument("--channels", type=mim.count, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
+    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and evaluation")
-    g.add_argument("--data", default="data/ADEChallengeData2016", help="an ADEChallengeData2016 folder as released, or 'synthetic[:N]'")
-    g.add_argument("--scale", default=None, help="LONG,SHORT: base size of the random rescale (x 0.5-2) and of the test resize; "
+    g.add_argument("--data", default="data/ADEChallengeData2016", help="an ADEChallengeData2016 folder as released, or 'synthetic[:N]' (the CPU demo)")
+    g.add_argument("--scale", type=scale_pair, default=None, help="LONG,SHORT: base size of the random rescale (x 0.5-2) and of the test resize; "
                    "default 2048,512 (mmseg ADE20K; tiny 384,96: the synthetic images are 96 px)")
-    g.add_argument("--stride", type=int, default=None, help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
-    g.add_argument("--val_images", type=int, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--stride", type=mim.count, default=None, help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
+    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
+    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
-    g.add_argument("--warmup_iters", type=int, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
-    g.add_argument("--micro_batch", type=int, default=None, help="crops per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=float, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
+    g.add_argument("--iters", type=mim.count, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
+    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50)")
+    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
+    g.add_argument("--micro_batch", type=mim.count, default=None, help="crops per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=mim.positive, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
                    "default 4e-5 (SwinV2 paper's ADE20K; tiny 4e-3)")
-    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper, via downstream.md; tiny 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the heads, data order, augmentation, drop path")
+    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None,
+                   help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper, via downstream.md; tiny 1)")
+    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
+    g.add_argument("--clip_grad", type=mim.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
+    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the heads, data order, augmentation, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/seg_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=int, default=None, help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
-    g.add_argument("--log_every", type=int, default=None, help="steps between log lines; default 50 (mmseg; tiny 10)")
-    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints; default 1000 (tiny 100)")
+    g.add_argument("--eval_every", type=mim.count, default=None, help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
+    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (mmseg; tiny 10)")
+    g.add_argument("--save_every", type=mim.count, default=None, help="steps between checkpoints; default 1000 (tiny 100)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
@@ -486,52 +506,41 @@ def get_parser():
 # (100 val images, one run each): mIoU 11 % after 300 steps at 1e-3 (the shapes not found yet), 21-23 %
 # after 1000 at 4e-3, still rising.
 RECIPES = {
-    "paper": dict(iters=160000, warmup_iters=1500, batch_size=16, lr=4e-5, crop=512, window=16, scale="2048,512",
+    "paper": dict(iters=160000, warmup_iters=1500, batch_size=16, lr=4e-5, crop=512, window=16, scale=(2048, 512),
                   channels=512, drop_path=0.3, layer_decay=0.95, eval_every=16000, log_every=50, save_every=1000),
-    "cpu": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale="384,96",
+    "cpu": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale=(384, 96),
                 channels=64, drop_path=0.1, layer_decay=1.0, eval_every=500, log_every=10, save_every=100),
 }
+FREE = mim.FREE | {"val_images", "stride"}  # how the evaluation looks, not what training computes
 
 
 def resolve(args, world_size):
-    """Validate the flags and derive the run's numbers in one visible place; args is never modified.
+    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
     Raises ValueError with a one-line message naming the flag."""
-    if args.model not in swinv2.PRESETS:
-        raise ValueError(f"--model {args.model!r} is unknown; choose from {', '.join(swinv2.PRESETS)}")
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    for flag in ("iters", "batch_size", "crop", "channels", "eval_every", "log_every", "save_every"):
-        if r[flag] <= 0:
-            raise ValueError(f"--{flag} must be positive, got {r[flag]}")
-    if not 0 <= r["warmup_iters"] < r["iters"]:
-        raise ValueError(f"--warmup_iters must be in [0, --iters {r['iters']}), got {r['warmup_iters']}")
-    try:
-        r["scale"] = tuple(sorted((int(v) for v in r["scale"].split(",")), reverse=True))
-        assert len(r["scale"]) == 2 and min(r["scale"]) > 0
-    except (ValueError, AssertionError):
-        raise ValueError(f"--scale must be LONG,SHORT in pixels, e.g. 2048,512; got {r['scale']!r}") from None
+    if r["warmup_iters"] >= r["iters"]:
+        raise ValueError(f"--warmup_iters {r['warmup_iters']} must be shorter than --iters {r['iters']}")
     r["stride"] = args.stride or r["crop"] * 2 // 3
-    if not 0 < r["stride"] <= r["crop"]:
-        raise ValueError(f"--stride must be in (0, --crop {r['crop']}], got {r['stride']}")
+    if r["stride"] > r["crop"]:
+        raise ValueError(f"--stride {r['stride']} is larger than --crop {r['crop']}: the windows would leave gaps")
     B = r["batch_size"]
-    r["micro_batch"] = args.micro_batch or B // world_size
-    if r["micro_batch"] <= 0 or B % (r["micro_batch"] * world_size):
-        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {r['micro_batch']} x {world_size} processes")
+    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
     # BatchNorm of the 1x1 pooled map needs 2 values per channel: 2 crops per process, or SyncBN on GPUs
     if r["micro_batch"] * (world_size if torch.cuda.is_available() else 1) < 2:
-        raise ValueError(f"--micro_batch {r['micro_batch']}: BatchNorm needs at least 2 crops per batch-norm group")
-    r["accum"] = B // (r["micro_batch"] * world_size)
+        raise ValueError(f"--micro_batch {r['micro_batch']}: BatchNorm needs at least 2 crops per process here")
     r["peak_lr"] = r["lr"] * B / 16  # linear scaling from the recipe's batch of 16
-    name = args.data.rstrip("/")
-    r["task"] = "synthetic" if name.startswith("synthetic") else "ade20k"
+    r["task"] = "synthetic" if args.data.startswith("synthetic") else "ade20k"
     src = args.pretrained.rstrip("/")
     src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
     src = src[: -len(".pth")] if src.endswith(".pth") else src
     r["out_dir"] = args.out_dir or f"out/seg_{r['task']}_{args.model}_{src}"
+    mim.check_out_dir(r["out_dir"])
     try:  # the windows must tile every stage's map of a crop
         swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["crop"], window_size=r["window"]))
     except ValueError as e:
         raise ValueError(f"--crop {r['crop']} / --window {r['window']}: {e}") from None
+    r.update(clip_grad=args.clip_grad, seed=args.seed)
     return r
 
 
@@ -560,3 +569,132 @@ def group_lr(step, scale, r):
     if step < r["warmup_iters"]:
         return peak * max(step / r["warmup_iters"], 1e-6)
     return peak * (1 - (step - r["warmup_iters"]) / (r["iters"] - r["warmup_iters"]))
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None):
+    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
+    args = get_parser().parse_args(argv)
+    try:
+        r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
+        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
+        train_set, val_set = open_splits(args.data)
+        model, missing = build_model(args, r, ckpt, train_set.num_classes)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    del ckpt  # the encoder is in the model now
+    rank, _, world, device = mim.setup_distributed()
+    run = mim.RunDir(r["out_dir"], rank == 0)
+    try:
+        return segment(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def segment(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world):
+    master, K, N, B = rank == 0, train_set.num_classes, len(train_set), r["batch_size"]
+    dtype = mim.amp_dtype(device, args.dtype)
+    ctx = mim.autocast(device, dtype)
+    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    r["epoch_steps"] = N / B  # log rows show epochs, a derived figure
+    p = pretrained
+    print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
+           f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
+    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
+                                    if p["run_dir"] else p["path"] or "none: from scratch"))
+    print0(f"{'new':>14} {', '.join(sorted({k.rsplit('.', 2)[0] for k in missing} | {'decode_head', 'aux_head'}))} (freshly initialised)")
+    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation"
+           f"{', SyncBatchNorm' if world > 1 and device.type == 'cuda' else ''}")
+    print0(f"{'schedule':>14} {r['iters']} steps ({r['iters'] / r['epoch_steps']:.1f} epochs of {N} images, task {r['task']}), "
+           f"warmup {r['warmup_iters']}; rescale {r['scale'][0]}x{r['scale'][1]} x 0.5-2, crop {r['crop']}")
+    print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), linear to 0")
+
+    # ---- data: fixed evaluation images, one per batch (sizes differ), sharded over ranks
+    val_idx = np.arange(len(val_set))
+    if 0 < args.val_images < len(val_set):
+        val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[:args.val_images])
+    val_stream = data.EvalSet(val_set, val_idx, EvalTransform(r["scale"]))
+    val_loader = data.make_loader(val_stream, 1, sampler=data.shard(len(val_stream), rank, world), workers=workers)
+    print0(f"{'evaluation':>14} {len(val_stream)} images, resized into {r['scale'][0]}x{r['scale'][1]}, "
+           f"{r['crop']} px windows every {r['stride']} px, scored at the original size")
+
+    # ---- model and optimizer: BatchNorm statistics over all GPUs (SyncBatchNorm runs on GPUs only)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = raw_model = model.to(device)
+    optimizer = mim.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
+    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
+
+    def score(step):
+        miou, acc, n = evaluate(raw_model, val_loader, K, r["crop"], r["stride"], EVAL_WINDOWS, device, ctx)
+        if master:
+            tqdm.write(f"step {step}: mIoU {miou:.2f} %, pixel accuracy {acc:.2f} % on {n} images")
+            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_stream, K, r["crop"], r["stride"], device, ctx, step)
+        return dict(miou=miou, pixel_acc=acc)
+
+    if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
+        ckpt = mim.load_or_fail(run.ckpt, master)
+        theirs = (ckpt["identity"].get("model"), ckpt["identity"].get("data_classes"))
+        if theirs != (args.model, K):
+            mim.fail(f"{run.ckpt} is a SwinV2-{theirs[0]} with {theirs[1]} classes; this is SwinV2-{args.model} with {K}", master)
+        raw_model.load_state_dict(ckpt["model"])
+        metrics = score(ckpt["step"])
+        if master:
+            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_stream), **metrics))
+        return metrics
+
+    # ---- the run directory: lock, resume (another run's checkpoint is refused)
+    mim.agree(run.acquire() if master else None, master)
+    loop = run.resume(identity, raw_model, optimizer, master)
+    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
+        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
+        return json.load(open(run.file("summary.json")))["metrics"]
+    if loop["step"]:
+        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    if master:
+        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"], iters=r["iters"],
+                                                  stride=r["stride"], classes=K, torch=str(torch.__version__)))
+
+    # ---- the loop: mim.train, with the segmentation loss and the sliding-window mIoU
+    stream = data.TrainStream(train_set, np.arange(N), TrainTransform(r["crop"], r["scale"]), args.seed)
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
+    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = mim.ddp(model, device)
+
+    def loss_fn(batch):
+        x, y = (t.to(device, non_blocking=True) for t in batch[0])  # (B, 3, crop, crop) normalised, (B, crop, crop)
+        with ctx:
+            logits, aux = model(x)
+        loss, main_term, aux_term = seg_loss(logits, aux, y)
+        return loss, dict(decode_loss=main_term, aux_loss=aux_term)
+
+    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model.encoder))
+    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: group_lr(step, scale, r),
+              score, meta, loop, device)
+
+    # ---- the summary, from the log: the last evaluation (the 160K checkpoint is what mmseg reports)
+    if not master:
+        return {}
+    rows = [row for _, row in run.rows()]
+    evals, last = [row for row in rows if "miou" in row], [row for row in rows if "train_loss" in row][-1]
+    summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data, pretrained=pretrained,
+                   metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]), val_images=len(val_stream),
+                   skipped_steps=last["skipped_steps"], bad_images=last["bad_images"], bad_files=last["bad_files"])
+    mim.save_json(run.file("summary.json"), summary)
+    return summary["metrics"]
+
+
+if __name__ == "__main__":
+    main()

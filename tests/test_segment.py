@@ -1,7 +1,10 @@
 """segment.py: UPerNet's shapes and its training-only auxiliary head, mIoU against a hand computation,
-sliding windows against whole-image inference, the joint image + label augmentation, ADE20K as released,
-and exact evaluation over two processes."""
+sliding windows against whole-image inference, the joint image + label augmentation, ADE20K as released
+(trained and evaluated), exact evaluation over two processes, a kill and resume, bad input."""
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import data
+import finetune
+import mim
 import segment
 import swinv2
+from test_run import ROOT, assert_same_run, killed, rows
 
 
 def tiny_segmenter(num_classes=7, seed=0):
@@ -29,10 +34,10 @@ def test_head_shapes_and_the_auxiliary_head_runs_only_in_training():
     assert logits.shape == (2, 7, 16, 16) and aux.shape == (2, 7, 4, 4) and len(calls) == 1  # strides 4 and 16
     y = torch.randint(0, 7, (2, 64, 64))
     y[0, :10] = segment.IGNORE
-    loss = segment.seg_loss(logits, aux, y)
+    loss, main, aux_term = segment.seg_loss(logits, aux, y)
     up = lambda z: F.interpolate(z, size=(64, 64), mode="bilinear", align_corners=False)
-    want = F.cross_entropy(up(logits), y, ignore_index=255) + 0.4 * F.cross_entropy(up(aux), y, ignore_index=255)
-    assert torch.allclose(loss, want)
+    ce = F.cross_entropy(up(logits), y, ignore_index=255), F.cross_entropy(up(aux), y, ignore_index=255)
+    assert torch.allclose(main, ce[0]) and torch.allclose(aux_term, ce[1]) and torch.allclose(loss, ce[0] + 0.4 * ce[1])
     # every level of the pyramid reaches the main head (PPM on stride 32, laterals on 4, 8, 16)
     maps = [m.detach().requires_grad_() for m in model.encoder.forward_pyramid(x)]
     model.decode_head(maps).square().sum().backward()
@@ -166,30 +171,78 @@ def test_synthetic_labels_are_background_and_the_drawn_shapes():
         assert ((labels == 0) == torch.from_numpy(~objects[0][1] & ~objects[1][1])).all()
 
 
-def _evaluate(rank, world, port, indices, out):
-    """evaluate() on rank `rank` of `world` gloo processes (world 1: no process group)."""
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    val = segment.SyntheticScenes("val", 20)
-    stream = data.EvalSet(val, indices, segment.EvalTransform((384, 96)))
-    loader = data.make_loader(stream, 1, sampler=data.shard(len(stream), rank, world))
-    model = tiny_segmenter(num_classes=11)
-    for m in model.modules():  # non-trivial running statistics, so the eval-mode BatchNorm matters
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-    result = segment.evaluate(model, loader, 11, 64, 42, 4, torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    if rank == 0:
-        torch.save(result, out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+# 16 synthetic images, global batch 4 in micro-batches of 2; rows at steps 2, 4, 6, evaluations (3 images)
+# and checkpoints at 3 and 6
+SEG = ["segment.py", "--model", "tiny", "--data", "synthetic:16", "--batch_size", "4", "--micro_batch", "2", "--iters", "6",
+       "--warmup_iters", "2", "--log_every", "2", "--eval_every", "3", "--save_every", "3", "--val_images", "3",
+       "--channels", "16", "--workers", "0", "--pretrained", "none"]
 
 
-def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):
-    indices = np.arange(7)  # odd: the ranks score 4 and 3 images, none twice
-    _evaluate(0, 1, 0, indices, tmp_path / "one.pt")
-    torch.multiprocessing.spawn(_evaluate, args=(2, 29517, indices, tmp_path / "two.pt"), nprocs=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one == two and one[2] == 7
-    assert 0 < one[0] < 100 and 0 < one[1] < 100
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run to compare with."""
+    out = tmp_path_factory.mktemp("seg") / "straight"
+    segment.main(SEG[1:] + ["--out_dir", str(out)])
+    return out
+
+
+def test_killed_between_a_log_row_and_its_checkpoint_resumes_to_the_same_weights_and_log(straight, tmp_path):
+    killed("after_log_row", 3, SEG, tmp_path / "run")  # rows 2, eval 3, 4 <- killed; the checkpoint is step 3
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+    segment.main(SEG[1:] + ["--out_dir", str(tmp_path / "run")])  # the same command again: it resumes
+    assert_same_run(straight, tmp_path / "run")
+    log = rows(straight)
+    assert [r["step"] for r in log] == [2, 3, 4, 6, 6] and all({"decode_loss", "aux_loss"} <= set(r) for r in log if "train_loss" in r)
+    assert (straight / "pred_0000003.png").exists() and (straight / "pred_0000006.png").exists()
+
+
+def test_evaluation_is_exact_for_one_and_two_processes(straight):
+    # 3 images (odd): two ranks score 2 and 1, none twice; the scores equal the 1-process ones of the run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *SEG, "--out_dir", str(straight), "--eval_only"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = json.load(open(straight / "eval.json")), rows(straight)[-1]
+    assert two["step"] == 6 and two["images"] == 3
+    assert (two["miou"], two["pixel_acc"]) == (one["miou"], one["pixel_acc"])
+    assert json.load(open(straight / "summary.json"))["metrics"] == dict(miou=one["miou"], pixel_acc=one["pixel_acc"])
+
+
+def test_an_ade20k_folder_trains_evaluates_and_names_its_pretraining(tmp_path):
+    pre = tmp_path / "pre"
+    mim.main(["--model", "tiny", "--data", "synthetic:8", "--iters", "2", "--batch_size", "4", "--val_images", "4",
+              "--workers", "0", "--out_dir", str(pre)])
+    write_ade(tmp_path / "ade")
+    out = tmp_path / "seg"
+    metrics = segment.main(["--model", "tiny", "--data", str(tmp_path / "ade"), "--pretrained", str(pre), "--iters", "2",
+                            "--warmup_iters", "1", "--batch_size", "2", "--log_every", "1", "--eval_every", "2", "--channels", "16",
+                            "--workers", "0", "--out_dir", str(out)])
+    summary = json.load(open(out / "summary.json"))
+    assert summary["kind"] == "segment" and summary["task"] == "ade20k" and summary["val_images"] == 2
+    assert summary["metrics"] == metrics and set(metrics) == {"miou", "pixel_acc"}
+    assert all(0 <= v <= 100 for v in metrics.values())
+    assert summary["pretrained"] == finetune.read_pretrained(str(pre))[1] and summary["pretrained"]["run_dir"] == str(pre)
+    assert [r["step"] for r in rows(out)] == [1, 2, 2] and (out / "pred_0000002.png").exists() and (out / "args.json").exists()
+    # the encoder started from the pre-training (a fresh init differs by ~0.05): two small steps moved it little
+    key = "encoder.layers.0.blocks.0.attn.qkv.weight"
+    pre_w, seg_w = (torch.load(d / "ckpt.pt", weights_only=True)["model"][key] for d in (pre, out))
+    assert 0 < (seg_w - pre_w).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("extra,words", [(["--crop", "60"], "--crop 60 / --window 4"),
+                                          (["--batch_size", "2", "--micro_batch", "1"], "BatchNorm needs"),
+                                          (["--data", "nowhere"], "ADEChallengeData2016"),
+                                          (["--pretrained", "nowhere/ckpt.pt"], "does not exist"),
+                                          (["--warmup_iters", "6"], "--warmup_iters 6")])
+def test_bad_input_is_refused_in_one_line_before_any_work(extra, words, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        segment.main(SEG[1:] + ["--out_dir", str(tmp_path / "run")] + extra)
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_scale_is_parsed_and_checked(capsys):
+    assert segment.get_parser().parse_args(SEG[1:] + ["--scale", "512,2048"]).scale == (2048, 512)
+    with pytest.raises(SystemExit):
+        segment.get_parser().parse_args(SEG[1:] + ["--scale", "512"])
+    assert "want LONG,SHORT" in capsys.readouterr().err
