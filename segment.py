@@ -1,7 +1,7 @@
 """
-Semantic segmentation on ADE20K with UPerNet on a (SimMIM-pre-trained) SwinV2, the paper's fifth downstream
-metric ("On Data Scaling in Masked Image Modeling", arXiv 2206.04664, sec. 4: ADE20K mIoU of every S/B/L
-pre-training). The encoder gives four maps (strides 4..32, swinv2.forward_pyramid); UPerNet (Xiao et al.
+Semantic segmentation on ADE20K with UPerNet on a (SimMIM-pre-trained) SwinV2: "On Data Scaling in Masked
+Image Modeling" (arXiv 2206.04664) relates the pre-training losses to five downstream metrics, one of them
+the ADE20K mIoU of its S, B and L pre-trainings. The encoder gives four maps (strides 4..32, swinv2.forward_pyramid); UPerNet (Xiao et al.
 2018, arXiv 1807.10221) pools the coarsest one at four scales, runs a top-down feature pyramid, fuses all
 levels at stride 4 and classifies every pixel. The recipe is mmsegmentation's UPerNet-Swin on ADE20K with
 the SwinV2 paper's LR (the data-scaling paper published none: reference/downstream.md): 512 crops,
@@ -638,7 +638,7 @@ def segment(args, r, run, model, missing, pretrained, train_set, val_set, device
         if master:
             tqdm.write(f"step {step}: mIoU {miou:.2f} %, pixel accuracy {acc:.2f} % on {n} images")
             save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_stream, K, r["crop"], r["stride"], device, ctx, step)
-        return dict(miou=miou, pixel_acc=acc)
+        return dict(miou=miou, pixel_acc=acc, images=n)  # images: as scored over all ranks, each once
 
     if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
         ckpt = mim.load_or_fail(run.ckpt, master)
@@ -648,7 +648,7 @@ def segment(args, r, run, model, missing, pretrained, train_set, val_set, device
         raw_model.load_state_dict(ckpt["model"])
         metrics = score(ckpt["step"])
         if master:
-            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_stream), **metrics))
+            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
         return metrics
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
