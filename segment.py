@@ -634,6 +634,11 @@ def segment(args, r, run, model, missing, pretrained, train_set, val_set, device
     identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     def score(step):
+        if world > 1:  # every rank scores with rank 0's BatchNorm statistics, the checkpoint's (SyncBN keeps them equal;
+            for m in raw_model.modules():  # on CPUs each process has its own)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for b in m.buffers():
+                        dist.broadcast(b, 0)
         miou, acc, n = evaluate(raw_model, val_loader, K, r["crop"], r["stride"], EVAL_WINDOWS, device, ctx)
         if master:
             tqdm.write(f"step {step}: mIoU {miou:.2f} %, pixel accuracy {acc:.2f} % on {n} images")
