@@ -9,7 +9,8 @@ Speed lives here, never in the tests. Each mode prints one line per measured con
 
 Clocks: on a GPU, wall seconds between torch.cuda.synchronize() calls (the GPU runs asynchronously);
 on a CPU, CPU seconds of this process (time.process_time: the other jobs of a shared machine do not
-count, every thread of ours does), so "img/s" on a CPU is images per CPU-second.
+count, every thread of ours does), so "img/s" on a CPU is images per CPU-second. Threads that spin
+while they wait count too, and on a busy machine they spin long: compare with OMP_NUM_THREADS=1.
 
 The GPU report (--what gpu) measures, on one CUDA GPU, what the README needs and no test can: img/s
 and peak memory of mim.py's training step for S, B, L (eager and torch.compile) and H, g (grad
@@ -22,8 +23,6 @@ the same functions on a CPU at tiny sizes.
 import argparse
 import contextlib
 import gc
-import json
-import math
 import os
 import sys
 import tempfile
@@ -163,7 +162,8 @@ def simmim_batch(cfg, b, device, seed=0):
 
 def train_step(model, opt, ctx, compile_backend=None):
     """step(x, mask) -> (loss, grad norm): mim.py's step on one micro-batch: the masked forward and the
-    loss under autocast, backward, then mim.optimizer_step (clip at 5.0, skip a non-finite step, AdamW)."""
+    loss under autocast, backward, then mim.optimizer_step (clip at 5.0, skip a non-finite step, AdamW).
+    Left out: loading the batch and building its masks (the data pipeline is measured on its own)."""
     run = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def step(x, mask):
@@ -337,13 +337,21 @@ def size_report(name, device, ctx, plan, time_left):
     out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
     for ckpt in (False, True):
         b, why = largest_batch(lambda b: run(b, ckpt), plan["micro"], plan["cap"], time_left)
-        fit = sorted((k[1], v) for k, v in peaks.items() if k[0] == ckpt and v is not None)
         row = dict(batch=b, stop=why, peak_gib=peaks.get((ckpt, b)))
-        if len(fit) >= 2:  # from the two largest batches that fit
-            (b1, p1), (b2, p2) = fit[-2:]
-            row.update(gib_per_img=(p2 - p1) / (b2 - b1), gib_fixed=p1 - (p2 - p1) / (b2 - b1) * b1)
+        row.update(memory_line({b: p for (c, b), p in peaks.items() if c == ckpt and p is not None}))
         out["grad_ckpt" if ckpt else "no_ckpt"] = row
     return out
+
+
+def memory_line(peaks):
+    """{batch: peak GiB} -> {gib_fixed, gib_per_img}: the line through the two largest batches (weights,
+    gradients and AdamW state are the fixed part, activations grow with the batch), or {} for fewer
+    than two. It tells what fits on a card with other memory: (memory - fixed) / per image."""
+    if len(peaks) < 2:
+        return {}
+    (b1, p1), (b2, p2) = sorted(peaks.items())[-2:]
+    per_img = (p2 - p1) / (b2 - b1)
+    return dict(gib_fixed=p1 - per_img * b1, gib_per_img=per_img)
 
 
 def compiled_report(name, b, device, ctx, plan):
@@ -355,17 +363,16 @@ def compiled_report(name, b, device, ctx, plan):
     model, opt = simmim_parts(encoder, device)
     step = train_step(model, opt, ctx, plan["compile_backend"])
     x, mask = simmim_batch(encoder.cfg, b, device)
-    t0 = time.perf_counter()
-    if attempt(lambda: step(x, mask), device, opt) is None:
-        return dict(batch=b, oom=True)
-    compile_s = time.perf_counter() - t0
-    sec = attempt(lambda: measure(lambda: step(x, mask), device, **plan["timing"]), device, opt)
-    out = dict(batch=b, compile_s=compile_s, oom=sec is None)
-    if sec is not None:
-        out.update(img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
-    del step, model, opt  # the compiled graphs refer to the model
-    torch.compiler.reset()
-    return out
+    try:
+        t0 = time.perf_counter()
+        if attempt(lambda: step(x, mask), device, opt) is None:
+            return dict(batch=b, oom=True)
+        out = dict(batch=b, compile_s=time.perf_counter() - t0)
+        sec = attempt(lambda: measure(lambda: step(x, mask), device, **plan["timing"]), device, opt)
+        return dict(out, oom=True) if sec is None else dict(out, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
+    finally:
+        del step, model, opt  # the compiled graphs refer to the model
+        torch.compiler.reset()
 
 
 def attention_ops(counter):
@@ -400,6 +407,16 @@ def sdpa_report(name, b, device, ctx):
         fwd_bwd()
     res = dict(block=f"stage 0, block {list(stage.blocks).index(block)}, window {ws}, {nH} heads, micro-batch {b}",
                default_ops=attention_ops(counter))
+    for trainable, key in ((True, "bias_grad"), (False, "no_bias_grad")):
+        attn.cpb_mlp.requires_grad_(trainable)
+        free(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        fwd_bwd()
+        res[f"peak_gib_{key}"] = peak_gib(device) - base / 2**30 if device.type == "cuda" else None
+    with FlopCounterMode(display=False) as counter:  # the kernel may change when the bias needs no gradient
+        fwd_bwd()
+    res["ops_no_bias_grad"] = attention_ops(counter)
+    attn.cpb_mlp.requires_grad_(True)
     res["forced"] = {}
     for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         with warnings.catch_warnings(record=True) as caught:
@@ -412,16 +429,6 @@ def sdpa_report(name, b, device, ctx):
                 why = [str(w.message).split("(Triggered internally")[0].strip() for w in caught] + [str(e).splitlines()[0]]
                 verdict = "fails: " + "; ".join(dict.fromkeys(w for w in why if w))[:300]
         res["forced"][backend.name.lower()] = verdict
-    for trainable, key in ((True, "bias_grad"), (False, "no_bias_grad")):
-        attn.cpb_mlp.requires_grad_(trainable)
-        free(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        fwd_bwd()
-        res[f"peak_gib_{key}"] = peak_gib(device) - base / 2**30 if device.type == "cuda" else None
-        if not trainable:  # the kernel may change when the bias needs no gradient: say which ran
-            with FlopCounterMode(display=False) as counter:
-                fwd_bwd()
-            res["ops_no_bias_grad"] = attention_ops(counter)
     res["bias_grad_gib_expected"] = b * nW * nH * (ws * ws) ** 2 * 2 / 2**30  # (B*nW, nH, N, N) in bf16
     return res
 
@@ -544,6 +551,7 @@ def markdown(R):
 
     def row(label, r, gflop):
         mfu = r.get("img_s") and gflop and env["peak_tflops"] and r["img_s"] * gflop / (env["peak_tflops"] * 1e3)
+        label += " (out of memory)" if r.get("oom") else ""
         return (f"| {label} | {r.get('batch') or 'none fits'} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
                 f"| {fmt(gflop, '.1f')} | {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
     for name, s in sizes.items():

@@ -14,7 +14,7 @@ import bench
 import mim
 import swinv2
 
-TINY_PLAN = dict(bench.GPU_PLAN, micro=2, cap=4, sizes=("tiny", "nano"), ckpt=("nano",), compile_first=("tiny",),
+TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile_first=("tiny",),
                  compile_last=("nano",), sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
                  data=dict(jpeg_size="64x48", images=2), timing=dict(warmup=1, seconds=0, min_steps=1), search_s=1e6,
                  compile_backend=None)  # torch.compile itself: test_compiled_step_equals_eager
@@ -31,7 +31,7 @@ def one_thread():
 
 def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
     """Every phase of the report, with an out-of-memory error simulated above micro-batch 2 (raised in
-    the SimMIM loss, as a real one would be mid-step), so the search and its recovery run too."""
+    the SimMIM loss, as a real one would be mid-step), so the halving, the search and the recovery run too."""
     norm_targets = mim.norm_targets
 
     def small_memory(x, k):
@@ -44,9 +44,9 @@ def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
 
     assert json.load(open(path))["phases"] == R["phases"]
     md = open(str(tmp_path / "report.md")).read()
-    for label in ("tiny SimMIM, eager", "tiny SimMIM, torch.compile", "nano SimMIM, eager, grad_ckpt", "nano SimMIM, torch.compile",
-                  "tiny fine-tuning, 64 px, window 4, eager"):
-        assert f"| {label} | 2 |" in md, label
+    for label in ("tiny SimMIM, eager", "tiny SimMIM, torch.compile", "nano SimMIM, eager, grad_ckpt", "nano SimMIM, torch.compile"):
+        assert f"| {label} | 2 |" in md, label  # halved from 4
+    assert "| tiny fine-tuning, 64 px, window 4, eager | 4 |" in md  # no loss, no simulated shortage
     assert "error" not in json.dumps(R) and all(isinstance(v, float) for v in R["phases"].values()), R["phases"]
     for name in ("tiny", "nano"):
         s = R[f"size {name}"]
@@ -60,6 +60,9 @@ def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
     n = R["numerics"]
     assert n["loss_rel_diff"] < 0.02 and 0 < n["grad_rel_diff"] < 0.2 and n["tiny_nonfinite"] == 0
     assert R["finetune"]["img_s"] > 0 and set(R["data"]) == {"draft off", "draft on"}
+    R["env"]["peak_tflops"] = 1e-3  # as on a GPU of 1 GFLOP/s: the MFU column fills in
+    mfu = R["size tiny"]["eager"]["img_s"] * R["size tiny"]["gflop_per_img"]
+    assert f"| {100 * mfu:.1f} % |" in bench.markdown(R)
 
 
 def test_gpu_report_skips_what_does_not_fit_the_budget(tmp_path):
@@ -103,6 +106,16 @@ def test_largest_batch_doubles_halves_and_stops():
     assert bench.largest_batch(probe, 4, 64, lambda: 30.0) == (4, "time") and tried == [4]  # 8 would take ~40 s
     probe, tried = probe_fitting(0)
     assert bench.largest_batch(probe, 4, 64, lambda: 1e9) == (0, "none fits") and tried == [4, 2, 1]
+
+
+def test_memory_line_and_peak_table(monkeypatch):
+    assert bench.memory_line({8: 3.0}) == {}
+    assert bench.memory_line({4: 2.0, 16: 5.0, 32: 9.0}) == dict(gib_fixed=1.0, gib_per_img=0.25)  # the two largest
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                         ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 NVL", None), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        peak, line = bench.peak_tflops(torch.device("cuda"))
+        assert peak == tflops and name in line, (name, line)
 
 
 def test_flops_per_image_match_an_independent_count():
