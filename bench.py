@@ -641,6 +641,8 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
             raise ValueError(f"no eager row of {name} to compare with")
         return compiled_report(name, b, device, ctx, plan)
 
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    save()  # an unwritable --json fails here, before any work
     print(f"{R['env']}\ntime budget {budget:.0f} s (--budget): a phase runs only if its estimate fits in the time left; "
           f"{json_path} and its .md are rewritten after every phase", flush=True)
     compile_need = 240  # until the first compilation says how long one takes
