@@ -223,8 +223,7 @@ GPU_PLAN = dict(
     cap=512,                    # the largest-micro-batch search stops here
     sizes=("B", "S", "L", "H", "g"),
     ckpt=("H", "g"),            # measured with --grad_ckpt
-    compile_first=("B",),       # compiled right after its eager row; the others at the end, if time is left
-    compile_last=("S", "L"),
+    compile=("B", "S", "L"),    # last: a compilation's length is the least predictable part of the report
     sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block (issue 13)
     numerics=("B", 16), tiny=(300, 64), finetune=("B", 224, 14),  # tiny: steps, batch
     data=dict(jpeg_size="500x375", images=100),
@@ -313,7 +312,7 @@ def size_report(name, device, ctx, plan, time_left):
     with torch.device(device):  # built on the device: initialising a 1B-parameter model on a CPU is slow
         encoder = swinv2.create(name, drop_path_rate=0.1)
     model, opt = simmim_parts(encoder, device)
-    out = dict(params_m=sum(p.numel() for p in encoder.parameters()) / 1e6)
+    out = dict(params_m=sum(p.numel() for p in encoder.parameters()) / 1e6, img_size=encoder.cfg.img_size)
     x, mask = simmim_batch(encoder.cfg, 2, device)
     out["gflop_per_img"] = flops_per_image(model, x, mask, ctx) / 1e9
     step = train_step(model, opt, ctx)
@@ -546,7 +545,7 @@ def markdown(R):
     env, sizes = R["env"], {k[5:]: v for k, v in R.items() if k.startswith("size ") and "error" not in v}
     lines = [f"GPU report: {env['device']}, {fmt(env['memory_gib'])} GiB, torch {env['torch']}, CUDA {env['cuda']}, autocast "
              f"{env['autocast']}, {R['elapsed_s']:.0f} s. Peak memory is torch.cuda.max_memory_allocated. MFU: {env['peak_line']}.", "",
-             "| training step (192 px, unless said) | micro-batch | img/s | ms/step | peak GiB | GFLOP/img | MFU | compile s |",
+             "| training step (bf16 on a GPU) | micro-batch | img/s | ms/step | peak GiB | GFLOP/img | MFU | compile s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(label, r, gflop):
@@ -555,13 +554,14 @@ def markdown(R):
         return (f"| {label} | {r.get('batch') or 'none fits'} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
                 f"| {fmt(gflop, '.1f')} | {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
     for name, s in sizes.items():
-        lines.append(row(f"{name} SimMIM, eager{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}", s["eager"], s["gflop_per_img"]))
+        lines.append(row(f"{name} SimMIM, {s['img_size']} px, eager{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}",
+                         s["eager"], s["gflop_per_img"]))
         if "error" not in R.get(f"compiled {name}", {"error": 0}):
-            lines.append(row(f"{name} SimMIM, torch.compile", R[f"compiled {name}"], s["gflop_per_img"]))
+            lines.append(row(f"{name} SimMIM, {s['img_size']} px, torch.compile", R[f"compiled {name}"], s["gflop_per_img"]))
     if "error" not in R.get("finetune", {"error": 0}):
         ft = R["finetune"]
         lines.append(row(f"{ft['model']} fine-tuning, {ft['img_size']} px, window {ft['window']}, eager", ft, None))
-    lines += ["", "| largest micro-batch (eager, 192 px) | params | no grad_ckpt | grad_ckpt | peak GiB ≈ fixed + per image × b: no ckpt; ckpt |",
+    lines += ["", "| largest micro-batch (eager) | params | no grad_ckpt | grad_ckpt | peak GiB ≈ fixed + per image × b: no ckpt; ckpt |",
               "|---|---:|---:|---:|---|"]
 
     def most(r):
@@ -570,7 +570,7 @@ def markdown(R):
     def linear(r):
         return f"{r['gib_fixed']:.1f} + {r['gib_per_img']:.3f} b" if "gib_per_img" in r else "–"
     for name, s in sizes.items():
-        lines.append(f"| {name} | {s['params_m']:.0f}M | {most(s['no_ckpt'])} | {most(s['grad_ckpt'])} | {linear(s['no_ckpt'])}; {linear(s['grad_ckpt'])} |")
+        lines.append(f"| {name}, {s['img_size']} px | {s['params_m']:.0f}M | {most(s['no_ckpt'])} | {most(s['grad_ckpt'])} | {linear(s['no_ckpt'])}; {linear(s['grad_ckpt'])} |")
     lines.append("")
     if "error" not in (n := R.get("numerics", {"error": 0})):
         lines.append(f"- bf16 vs fp32 (no TF32), SwinV2-{n['model']} at batch {n['batch']}, the same images and weights (post-norm gains "
@@ -645,20 +645,18 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
     save()  # an unwritable --json fails here, before any work
     print(f"{R['env']}\ntime budget {budget:.0f} s (--budget): a phase runs only if its estimate fits in the time left; "
           f"{json_path} and its .md are rewritten after every phase", flush=True)
-    compile_need = 240  # until the first compilation says how long one takes
     for name in plan["sizes"]:
         phase(f"size {name}", plan["search_s"] * (0.75 if name in plan["ckpt"] else 0.5), lambda: size(name))
-        if name in plan["compile_first"]:
-            phase(f"compiled {name}", compile_need, lambda: compiled(name))
-            compile_need = 1.5 * R.get(f"compiled {name}", {}).get("compile_s", 160) + 20
     phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx))
     phase("finetune", 30, lambda: finetune_report(*plan["finetune"], plan["micro"], device, ctx, plan))
     data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"], "--images", str(plan["data"]["images"])])
     phase("data", 20, lambda: bench_data(data_args))
-    # after the main tables: forcing each SDPA backend is the one thing here that could upset the GPU
+    # forcing each SDPA backend is the one thing here that could upset the GPU: after the main tables
     phase("sdpa", 20, lambda: sdpa_report(*plan["sdpa"], device, ctx))
-    for name in plan["compile_last"]:
+    compile_need = 240  # until the first compilation says how long one takes
+    for name in plan["compile"]:
         phase(f"compiled {name}", compile_need, lambda: compiled(name))
+        compile_need = 1.5 * R.get(f"compiled {name}", {}).get("compile_s", 160) + 20
     md = save()
     print(md, flush=True)
     print(f"written: {json_path} and {os.path.splitext(json_path)[0]}.md ({R['elapsed_s']:.0f} s)", flush=True)

@@ -14,8 +14,7 @@ import bench
 import mim
 import swinv2
 
-TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile_first=("tiny",),
-                 compile_last=("nano",), sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
+TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile=("tiny", "nano"), sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
                  data=dict(jpeg_size="64x48", images=2), timing=dict(warmup=1, seconds=0, min_steps=1), search_s=1e6,
                  compile_backend=None)  # torch.compile itself: test_compiled_step_equals_eager
 
@@ -44,7 +43,8 @@ def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
 
     assert json.load(open(path))["phases"] == R["phases"]
     md = open(str(tmp_path / "report.md")).read()
-    for label in ("tiny SimMIM, eager", "tiny SimMIM, torch.compile", "nano SimMIM, eager, grad_ckpt", "nano SimMIM, torch.compile"):
+    for label in ("tiny SimMIM, 64 px, eager", "tiny SimMIM, 64 px, torch.compile", "nano SimMIM, 64 px, eager, grad_ckpt",
+                  "nano SimMIM, 64 px, torch.compile"):
         assert f"| {label} | 2 |" in md, label  # halved from 4
     assert "| tiny fine-tuning, 64 px, window 4, eager | 4 |" in md  # no loss, no simulated shortage
     assert "error" not in json.dumps(R) and all(isinstance(v, float) for v in R["phases"].values()), R["phases"]
