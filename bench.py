@@ -439,6 +439,7 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
     (micro-batch tiny_batch) with the CPU recipe's LR and the paper's 47 px target: how many losses or
     gradient norms were not finite."""
     free(device)
+    torch.manual_seed(0)  # the same weights in every report
     with torch.device(device):
         encoder = swinv2.create(name)
         for layer in encoder.layers:
