@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mim
 import swinv2
@@ -38,6 +39,35 @@ def test_norm_targets_matches_direct_computation():
         win = x[0, c, max(0, i - 2): i + 3, max(0, j - 2): j + 3].flatten()
         expect = (x[0, c, i, j] - win.mean()) / torch.sqrt(win.var(unbiased=True) + 1e-6)
         assert torch.allclose(out[0, c, i, j], expect), (c, i, j)
+
+
+def avg_pool_norm_targets(x, k):
+    """mim.norm_targets as it was before the box filter: 1-D average poolings, rows then columns."""
+    def pool(t, include_pad):
+        t = F.avg_pool2d(t, (k, 1), 1, (k // 2, 0), count_include_pad=include_pad)
+        return F.avg_pool2d(t, (1, k), 1, (0, k // 2), count_include_pad=include_pad)
+    mean, mean_sq = pool(x, False), pool(x * x, False)
+    n = pool(torch.ones_like(x[:1, :1]), True) * k * k  # in-image pixels per window
+    var = ((mean_sq - mean * mean) * n / (n - 1)).clamp(min=0)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+def test_norm_targets_exact_at_192px_in_flat_bright_regions():
+    """The worst case for prefix sums: large sums (a 192 px image of values near the top of the
+    ImageNet-normalised range) and tiny local variance (flat regions with noise 1e-3), float32 input."""
+    torch.manual_seed(0)
+    x = torch.full((2, 3, 192, 192), 2.64) + 1e-3 * torch.randn(2, 3, 192, 192)
+    x[:, :, 100:, 60:] = -2.1 + 1e-3 * torch.randn(2, 3, 92, 132)  # an edge: windows with large variance too
+    out = mim.norm_targets(x, 47)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), avg_pool_norm_targets(x.double(), 47), rtol=0, atol=1e-6)
+    x64 = x.double()
+    for b, c, i, j in [(0, 0, 0, 0), (1, 2, 191, 191), (0, 1, 100, 60), (1, 0, 120, 5), (0, 2, 30, 180), (1, 1, 191, 0)]:
+        win = x64[b, c, max(0, i - 23): i + 24, max(0, j - 23): j + 24].flatten()
+        expect = (x64[b, c, i, j] - win.mean()) / torch.sqrt(win.var(unbiased=True) + 1e-6)
+        assert abs(out[b, c, i, j].item() - expect.item()) < 1e-6, (b, c, i, j)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SimMIM calls it inside autocast: no bf16 sneaks in
+        assert torch.equal(mim.norm_targets(x, 47), out)
 
 
 def tiny_simmim(norm_target=0):
