@@ -21,6 +21,7 @@ def test_mask_generator_count_and_blocks():
     gen = mim.MaskGenerator(192, 32, 4, 0.6)
     mask = gen(0)
     assert mask.shape == (48, 48) and mask.sum() == 22 * 64  # ceil(0.6 * 36) = 22 cells of 8x8 tokens
+    assert mim.MaskGenerator(224, 32, 4, 0.6).count == 30  # rounded up, as official: ceil(0.6 * 49 = 29.4)
     cells = mask.view(6, 8, 6, 8)
     assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()  # constant over each 32 px cell
     assert torch.equal(gen(5), gen(5)) and not torch.equal(gen(5), gen(6))
@@ -142,9 +143,12 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         mim.main(TINY + ["--iters", "4", "--out_dir", out])
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    args = TINY + ["--iters", "3", "--drop_path", "0.1"]
-    mim.main(args + ["--micro_batch", "4", "--out_dir", str(tmp_path / "one")])  # 1 process x 2 accumulation
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1_vs_1x2", "2x2_vs_1x4"])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch):
+    """Global batch 8 in micro-batches of 4: 2 processes x 1 micro-step vs 1 process x 2; of 2: 2 processes
+    x 2 micro-steps (DDP's no_sync on the first, the all-reduce on the last) vs 1 process x 4."""
+    args = TINY + ["--iters", "3", "--drop_path", "0.1", "--micro_batch", str(micro_batch)]
+    mim.main(args + ["--out_dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "mim.py")] + args + ["--out_dir", str(tmp_path / "two")]
