@@ -75,6 +75,17 @@ def test_masked_patches_see_only_the_mask_token():
     assert "encoder.mask_token" in model.state_dict() and "decoder.0.weight" in model.state_dict()
 
 
+def test_mask_token_starts_trunc_normal_std_002():
+    """official_code.md B.1: the mask token is trunc-normal with std 0.02 (the five paper sizes: 1216 values)."""
+    torch.manual_seed(0)
+    tokens = []
+    for size in swinv2.PAPER_SIZES:
+        with torch.device("meta"):  # the encoder on meta; the wrapper adds a real token
+            encoder = swinv2.create(size)
+        tokens.append(mim.SimMIM(encoder).encoder.mask_token.flatten())
+    assert abs(torch.cat(tokens).std().item() - 0.02) < 0.0015
+
+
 def test_get_lr_boundaries():
     lr = lambda s: mim.get_lr(s, peak_lr=4e-4, start_lr=2e-6, warmup_iters=100, iters=800, milestone=700)
     assert lr(0) == 2e-6 and math.isclose(lr(50), (2e-6 + 4e-4) / 2)
