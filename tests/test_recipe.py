@@ -120,7 +120,8 @@ def finetuning(tmp_path_factory):
         model, _ = finetune.build_model(args, r, ckpt, 1000)
     groups = finetune.param_groups(model, args.weight_decay, r["layer_decay"])
     where = {n: g for g in groups for n in g["names"]}
-    r.update(iters=100 * 625, warmup_iters=20 * 625)  # main's numbers for ImageNet-1K (1,281,167 // 2048 = 625 per epoch)
+    spe = 1_281_167 // r["batch_size"]  # main's steps per epoch on ImageNet-1K (N // B, checked on a real run below)
+    r.update(iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe)
     mixers = {}  # the MixUp and CutMix objects make_mixer builds, to read the alphas they draw lambda with
 
     def record(cls):
