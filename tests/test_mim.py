@@ -22,6 +22,7 @@ def test_mask_generator_count_and_blocks():
     gen = mim.MaskGenerator(192, 32, 4, 0.6)
     mask = gen(0)
     assert mask.shape == (48, 48) and mask.sum() == 22 * 64  # ceil(0.6 * 36) = 22 cells of 8x8 tokens
+    assert mim.MaskGenerator(224, 32, 4, 0.6).count == 30  # rounded up, as official: ceil(0.6 * 49 = 29.4)
     cells = mask.view(6, 8, 6, 8)
     assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()  # constant over each 32 px cell
     assert torch.equal(gen(5), gen(5)) and not torch.equal(gen(5), gen(6))
@@ -104,6 +105,17 @@ def test_masked_patches_see_only_the_mask_token():
     assert "encoder.mask_token" in model.state_dict() and "decoder.0.weight" in model.state_dict()
 
 
+def test_mask_token_starts_trunc_normal_std_002():
+    """official_code.md B.1: the mask token is trunc-normal with std 0.02 (the five paper sizes: 1216 values)."""
+    torch.manual_seed(0)
+    tokens = []
+    for size in swinv2.PAPER_SIZES:
+        with torch.device("meta"):  # the encoder on meta; the wrapper adds a real token
+            encoder = swinv2.create(size)
+        tokens.append(mim.SimMIM(encoder).encoder.mask_token.flatten())
+    assert abs(torch.cat(tokens).std().item() - 0.02) < 0.0015
+
+
 def test_get_lr_boundaries():
     lr = lambda s: mim.get_lr(s, peak_lr=4e-4, start_lr=2e-6, warmup_iters=100, iters=800, milestone=700)
     assert lr(0) == 2e-6 and math.isclose(lr(50), (2e-6 + 4e-4) / 2)
@@ -165,9 +177,12 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    args = TINY + ["--iters", "3", "--drop_path", "0.1"]
-    mim.main(args + ["--micro_batch", "4", "--out_dir", str(tmp_path / "one")])  # 1 process x 2 accumulation
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1_vs_1x2", "2x2_vs_1x4"])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch):
+    """Global batch 8 in micro-batches of 4: 2 processes x 1 micro-step vs 1 process x 2; of 2: 2 processes
+    x 2 micro-steps (DDP's no_sync on the first, the all-reduce on the last) vs 1 process x 4."""
+    args = TINY + ["--iters", "3", "--drop_path", "0.1", "--micro_batch", str(micro_batch)]
+    mim.main(args + ["--out_dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "mim.py")] + args + ["--out_dir", str(tmp_path / "two")]
