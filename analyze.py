@@ -3,17 +3,23 @@
 Which runs overfit (a shorter run of the same model and data reached a lower validation loss)?
 How does fine-tuning accuracy grow with data and training length? How well do the pre-training
 train and validation losses predict it (Pearson r over all runs, the overfitting ones, the rest)?
-Reads only files on disk, never torch: run directories of mim.py and finetune.py (a fine-tuning
-run is paired with its pre-training run through its summary.json and gives its best_top1 and
-best_top5 as the columns {task}_top1, {task}_top5; several fine-tunings of one run, e.g. seeds,
-give their mean), a table (--csv), or the authors' 63 released runs (--paper, paper_runs.csv).
-Each source (ours, paper) gets its own tables and figures.
+Reads only files on disk, never torch: run directories of mim.py and of the downstream scripts
+(finetune.py, detect.py, segment.py), a table (--csv), or the authors' 63 released runs (--paper,
+paper_runs.csv). A downstream run is paired with its pre-training run through its summary.json and
+gives one column per metric, {task}_{metric} in percent (in1k_top1, coco_box_ap, ade20k_miou, ...);
+several downstream runs of one pre-training, e.g. seeds, give their mean. Those from scratch
+(--pretrained none) are the baseline: a row of 0 pre-training iterations on "scratch" data, a
+reference line in the figures, kept out of the correlations. Each source (ours, paper) gets its own
+tables and figures.
 
-    python analyze.py                        # every run in out/*
+    python analyze.py                        # every run in out/*, into analysis/
     python analyze.py 'out/B_*' --paper      # our B runs next to the paper's numbers
-    python analyze.py --csv my_runs.csv --out analysis/
+    python analyze.py --paper                # the paper's runs alone, into analysis/paper/
+    python analyze.py --csv my_runs.csv --out analysis/csv
 
-Prints markdown tables and writes them (tables.md), runs.csv, correlations.json and PNGs to --out.
+Prints markdown tables and writes them (tables.md), runs.csv, correlations.json and PNGs to --out,
+with analysis.json naming its inputs and files: a folder that holds another analysis is refused,
+a rerun of the same analysis replaces its own files.
 """
 import argparse
 import csv
@@ -21,6 +27,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -123,9 +130,33 @@ def read_pretrain(d, summary, args, log):
     return row
 
 
+def downstream_metrics(s):
+    """{column: value} of a downstream summary, all in percent and higher-is-better: {task}_{name} for
+    each entry of its metrics dict (detect.py: box_ap, mask_ap; segment.py: miou, pixel_acc), else
+    finetune.py's best_top1, best_top5 (the best epoch, as the paper reports)."""
+    metrics = s.get("metrics")
+    if not isinstance(metrics, dict):
+        metrics = {k: s.get(f"best_{k}") for k in ("top1", "top5")}
+    task = s.get("task") or s.get("kind") or "ft"
+    return {f"{task}_{k}": num(v) for k, v in metrics.items() if num(v) is not None}
+
+
+def pretraining_of(p, rows, by_dir):
+    """The row of the pre-training run that a downstream summary's `pretrained` entry names, or None."""
+    r = by_dir.get(os.path.realpath(str(p["run_dir"]))) if p.get("run_dir") else None
+    if r is None:  # the run folder was moved or copied: match on (model, data, iters)
+        want = dict(model=str(p.get("model")), iters=num(p.get("iters")), frac=num(p.get("frac", 1.0)))
+        if "data" in p:
+            want["data"] = data_label(p["data"], want["frac"])
+        same = [r for r in rows if all(r[k] == v for k, v in want.items())]
+        r = same[0] if len(same) == 1 else None  # two candidates: refuse to guess
+    return r
+
+
 def load_runs(paths):
-    """Rows of the pre-training runs in paths (globs allowed), with their fine-tuning metrics."""
-    rows, finetunes = [], []
+    """Rows of the pre-training runs in paths (globs allowed), with their downstream metrics, and
+    one row per model for the downstream runs from scratch."""
+    rows, downstream = [], []
     for p in paths:
         if not any(os.path.isdir(d) for d in glob.glob(p)):
             note(f"{p}: no run directory there")
@@ -133,38 +164,36 @@ def load_runs(paths):
     for d in dict.fromkeys(dirs):  # each run once, even if two patterns name it
         summary, args = read_json(f"{d}/summary.json"), read_json(f"{d}/args.json")
         log = read_log(f"{d}/log.jsonl")
-        if (summary or {}).get("kind") == "finetune":
-            finetunes.append((d, summary))
-        elif summary is None and any("top1" in l for l in log):  # the pairing is in the summary
-            note(f"{d}: fine-tuning in progress (no summary.json), skipped")
+        s = summary or args or {}  # a downstream run names its pre-training (pretrained) in both
+        if "pretrained" in s and s.get("kind") != "pretrain":
+            if summary is None:  # the metrics and the pairing are in the summary
+                note(f"{d}: downstream run in progress (no summary.json), skipped")
+            else:
+                downstream.append((d, summary))
         elif summary or args or log:
             rows.append(read_pretrain(d, summary, args, log))
         else:
             note(f"{d}: no summary.json, args.json or log.jsonl, skipped")
     rows = [r for r in rows if r]
     by_dir = {os.path.realpath(r["run_dir"]): r for r in rows}
-    scores = {}  # (id of the row, column) -> (row, the fine-tunings' values)
-    for d, s in finetunes:
+    scores, scratch = {}, {}  # (id of the row, column) -> (row, the runs' values); model -> row
+    for d, s in downstream:
         p = s.get("pretrained") or {}
-        r = by_dir.get(os.path.realpath(str(p["run_dir"]))) if p.get("run_dir") else None
-        if r is None and p:  # the run folder was moved or copied: match on (model, data, iters)
-            want = dict(model=str(p.get("model")), iters=num(p.get("iters")), frac=num(p.get("frac", 1.0)))
-            if "data" in p:
-                want["data"] = data_label(p["data"], want["frac"])
-            same = [r for r in rows if all(r[k] == v for k, v in want.items())]
-            r = same[0] if len(same) == 1 else None  # two candidates: refuse to guess
+        if p.get("path"):
+            r = pretraining_of(p, rows, by_dir)
+        else:  # --pretrained none: the baseline, one row per model of 0 pre-training iterations
+            model = str(s.get("model", "?"))
+            r = scratch.setdefault(model, dict(source="ours", model=model, data="scratch", images=0, iters=0))
         if r is None:
-            note(f"{d}: pre-training run {p.get('run_dir') or '(none, from scratch)'} not found, skipped")
+            note(f"{d}: pre-training run {p.get('run_dir') or p['path']} not found, skipped")
             continue
-        for k in ("top1", "top5"):  # the best epoch of a fine-tuning, as the paper reports
-            v = num(s.get(f"best_{k}"))
-            if v is not None:
-                scores.setdefault((id(r), f"{s.get('task', 'ft')}_{k}"), (r, []))[1].append(v)
+        for col, v in downstream_metrics(s).items():
+            scores.setdefault((id(r), col), (r, []))[1].append(v)
     # several fine-tunings of one pre-training (seeds): their mean. At small scale one fine-tuning's
     # seed moves top-1 by several points, and the best of n seeds would reward noise.
     for (_, col), (r, vs) in scores.items():
         r[col] = sum(vs) / len(vs)
-    return rows
+    return rows + list(scratch.values())
 
 
 def load_csv(path, source="ours"):
@@ -254,9 +283,9 @@ def md_table(header, body):
 
 
 def tables(rows, models, datas, metrics, overfit, corr):
-    """The markdown report: results grid, best metric, overfitting, correlations."""
+    """The markdown report: results grid, best metric (from scratch beside it), overfitting, correlations."""
     done = [r for r in rows if not r.get("partial")]
-    iters = sorted({r["iters"] for r in rows})
+    iters = sorted({r["iters"] for r in rows if r["iters"]})  # 0: from scratch, no pre-training to show
     # the grid, one line per (model, data), cells "val loss / metric" as in the paper's table
     losses = [l for l in ("train_loss", "val_loss") if any(r.get(l) is not None for r in rows)]
     cell = {(r["model"], r["data"], r["iters"]): r for r in rows}
@@ -268,14 +297,17 @@ def tables(rows, models, datas, metrics, overfit, corr):
            md_table(["model", "data"] + list(map(kilo, iters)), grid)]
     if len(done) < len(rows):
         out.append("\n\\* in progress: last logged values, left out of the tables below")
-    for m in metrics:  # the paper's "best fine-tuning performance": the max over training lengths
+    # the paper's "best fine-tuning performance": the max over training lengths; the baseline from
+    # scratch (0 images, so the first column) is the one value of its model
+    best_cell = lambda r, m: f"{r[m]:.2f}" + (f" ({kilo(r['iters'])})" if r["iters"] else "")
+    for m in metrics:
         best = {}
         for r in done:
             if r.get(m) is not None and r[m] > best.get((r["model"], r["data"]), {}).get(m, -math.inf):
                 best[r["model"], r["data"]] = r
         cols = [d for d in datas if any((mo, d) in best for mo in models)]
-        body = [[mo] + [f"{best[mo, d][m]:.2f} ({kilo(best[mo, d]['iters'])})" if (mo, d) in best else "—"
-                        for d in cols] for mo in models if any((mo, d) in best for d in cols)]
+        body = [[mo] + [best_cell(best[mo, d], m) if (mo, d) in best else "—" for d in cols]
+                for mo in models if any((mo, d) in best for d in cols)]
         out += [f"\n### Best {m} per model and data (iterations)", md_table(["model"] + cols, body)]
     # overfitting groups with their val loss by length, so a reader sees the rise (paper.md 5c)
     body = [[mo, d, ", ".join(f"{kilo(r['iters'])} {r['val_loss']:.4f}" for r in done
@@ -293,9 +325,17 @@ def tables(rows, models, datas, metrics, overfit, corr):
 
 
 def figures(rows, models, datas, metrics, corr, out, suffix):
-    """Val loss vs iterations; each metric vs data size and vs the two losses. Returns the PNG paths."""
-    paths, iters = [], sorted({r["iters"] for r in rows})
+    """Val loss vs iterations; each metric vs data size and vs the two losses, with the baseline from
+    scratch as a horizontal line. Returns the PNG paths."""
+    paths, iters = [], sorted({r["iters"] for r in rows if r["iters"]})
+    scratch = {r["model"]: r for r in rows if r["iters"] == 0}  # no pre-training: no loss, no data size
+    datas = [d for d in datas if any(r["data"] == d and r["iters"] for r in rows)]
     panels = lambda n: plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained")
+
+    def baseline(ax, m, mos, label):
+        for mo, style in zip(mos, ["--", ":", "-.", (0, (5, 2, 1, 2, 1, 2))] * len(mos)):
+            if scratch.get(mo, {}).get(m) is not None:
+                ax.axhline(scratch[mo][m], color="gray", ls=style, label=label.format(mo))
 
     def save(fig, axes, name):
         for ax in axes[0]:  # a legend only where something was drawn, or matplotlib warns
@@ -333,6 +373,7 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
                       and r.get(m) is not None and not r.get("partial")]
                 if xy:
                     ax.plot(*zip(*xy), "o-", label=f"{kilo(i)} iters")
+            baseline(ax, m, [mo], "from scratch")
             ax.set_xticks(range(len(datas)), datas, rotation=30, ha="right", fontsize=8)
             ax.set(title=f"SwinV2-{mo}", xlabel="pre-training data (by number of images)", ylabel=m)
         save(fig, axes, f"{m}_vs_data")
@@ -343,6 +384,7 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
                       if r.get("overfit") is flag and r.get(loss) is not None and r.get(m) is not None]
                 if xy:
                     ax.scatter(*zip(*xy), c=color, alpha=0.7, label=label)
+            baseline(ax, m, models, "SwinV2-{} from scratch")
             if not ax.collections:  # the paper released no training losses, for one
                 ax.text(0.5, 0.5, f"no runs with a {loss}", ha="center", transform=ax.transAxes)
             c = corr["all"][loss][m]
@@ -352,26 +394,58 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
     return paths
 
 
+# ------------------------------------------------------------------------------------ the output folder
+
+def own_files(out, inputs):
+    """The files an earlier run of this same analysis wrote into `out` ([] for a new or empty folder).
+    A folder holding anything else is refused: two analyses written into one folder leave a mix of
+    both, with nothing to tell which table came from where. Subfolders (analysis/paper) are ignored."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: is a file, not a folder")
+    present = [f for f in (os.listdir(out) if os.path.isdir(out) else [])
+               if os.path.isfile(os.path.join(out, f)) and not f.startswith(".") and f != "analysis.json"]
+    old = read_json(os.path.join(out, "analysis.json")) or {}
+    if present and old.get("inputs") != inputs:
+        what = f"the analysis of `{old['command']}`" if "command" in old else \
+            f"{len(present)} file(s) but no analysis.json"
+        raise SystemExit(f"--out {out}: holds {what}; pass another --out, or delete it to replace it")
+    return [f for f in old.get("files", []) if f == os.path.basename(str(f))]  # names in out, nothing else
+
+
+def write_manifest(out, command, inputs, files):
+    """analysis.json: what made this folder (the command, and its inputs relative to the folder, so
+    that the folder and the runs can move together) and the files it wrote."""
+    with open(os.path.join(out, "analysis.json"), "w") as f:
+        json.dump(dict(command=command, inputs=inputs, files=sorted(files)), f, indent=1)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Tables, overfitting, correlations and figures from runs.")
-    p.add_argument("runs", nargs="*", help="run dirs of mim.py, finetune.py; globs allowed (default out/*)")
+    p.add_argument("runs", nargs="*", help="run dirs of mim.py and of the downstream scripts; globs allowed "
+                   "(default out/*)")
     p.add_argument("--csv", help="a table: model,data,iters,train_loss,val_loss and one column per metric")
     p.add_argument("--paper", action="store_true", help="add the authors' 63 released runs (paper_runs.csv)")
-    p.add_argument("--out", default="analysis", help="folder for tables.md, runs.csv, correlations.json, PNG")
+    p.add_argument("--out", help="folder for tables.md, runs.csv, correlations.json, PNGs (default analysis, "
+                   "analysis/paper for --paper alone); refused if it holds another analysis")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     patterns = args.runs or ([] if args.csv or args.paper else ["out/*"])  # out/* only by default
+    out = args.out or ("analysis/paper" if args.paper and not patterns and not args.csv else "analysis")
+    rel = lambda p: os.path.relpath(os.path.abspath(p), os.path.abspath(out))
+    inputs = dict(runs=sorted({rel(p) for p in patterns}), csv=args.csv and rel(args.csv), paper=args.paper)
+    command = shlex.join(["analyze.py"] + (sys.argv[1:] if argv is None else argv))
+    old_files = own_files(out, inputs)
     rows = load_runs(patterns) + (load_csv(args.csv) if args.csv else [])
     rows += load_csv(PAPER_CSV, source="paper") if args.paper else []
     if not rows:
         raise SystemExit(f"analyze.py: no runs found in {' '.join(patterns) or args.csv}; "
                          "pass run directories, --csv FILE or --paper")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out}: is a file, not a folder")
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    write_manifest(out, command, inputs, old_files)  # claims the folder before writing into it
+    written = ["tables.md", "runs.csv"]
     sources = sorted({r["source"] for r in rows}, key=lambda s: (s == "paper", s))
     report, in_order = [], []
     # ours and the paper's side by side, never mixed in one statistic: our losses come from
@@ -380,25 +454,32 @@ def main(argv=None):
         sub = [r for r in rows if r["source"] == src]
         models, datas = ordered(sub)
         metrics = sorted({k for r in sub for k in r if k not in META})
-        overfit = find_overfitting(sub)  # flags the rows; the correlation subsets need it first
-        corr = correlations(sub, metrics)
+        pre = [r for r in sub if r["iters"]]  # from scratch (0 iterations): no pre-training loss to judge
+        overfit = find_overfitting(pre)  # flags the rows; the correlation subsets need it first
+        corr = correlations(pre, metrics)
         suffix = "" if src == sources[0] else f"_{src}"  # the first source gets the plain file names
-        with open(os.path.join(args.out, f"correlations{suffix}.json"), "w") as f:
+        written.append(f"correlations{suffix}.json")
+        with open(os.path.join(out, written[-1]), "w") as f:
             json.dump(corr, f, indent=1)
-        pngs = figures(sub, models, datas, metrics, corr, args.out, suffix)
+        pngs = figures(sub, models, datas, metrics, corr, out, suffix)
+        written += [os.path.basename(p) for p in pngs]
         report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr)
                       + "\n\nFigures: " + ", ".join(pngs) + "\n")
         in_order += sub
     print("\n".join(report))
-    with open(os.path.join(args.out, "tables.md"), "w") as f:
+    with open(os.path.join(out, "tables.md"), "w") as f:
         f.write("\n".join(report))
     metrics = sorted({k for r in in_order for k in r if k not in META})
     # flags as 0/1, 500000.0 as 500000, a missing value as an empty cell
     whole = lambda v: isinstance(v, bool) or (isinstance(v, float) and v.is_integer())
     cell = lambda v: "" if v is None else int(v) if whole(v) else v
-    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         csv.writer(f).writerows([CSV_COLS + metrics] + [[cell(r.get(c)) for c in CSV_COLS + metrics]
                                                         for r in in_order])
+    for f in set(old_files) - set(written):  # e.g. the figures of a metric that is gone since
+        if os.path.isfile(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    write_manifest(out, command, inputs, written)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
     python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, a minute
     python finetune.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
+    torchrun --nproc 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k  # its train/val2018.json
     python finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k --eval_only
 
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
@@ -45,10 +46,13 @@ def get_parser():
     g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, or 'synthetic'")
-    g.add_argument("--val_data", default=None, help="evaluation images; default: the val split of --data")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, iNaturalist's "
+                   "train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
+    g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split of --data")
     g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
-    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1); default: basename of --data")
+    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1), e.g. in1k; "
+                   "default: inat18 for iNaturalist 2018 (the IN-1K recipe with an 8,142-way head: no SwinV2/SimMIM iNat18 "
+                   "recipe is published), else the basename of --data")
     g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper (tiny light)")
     g.add_argument("--mixup", type=mim.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
     g.add_argument("--cutmix", type=mim.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
@@ -102,7 +106,9 @@ def resolve(args, world_size):
     # linear scaling rule: all three LRs are given per 512 images, as in the official code
     r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
     name = args.data.rstrip("/")
-    r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else os.path.splitext(os.path.basename(name))[0])
+    inat18 = os.path.basename(name) in ("train2018.json", "val2018.json") or os.path.isfile(os.path.join(name, "train2018.json"))
+    r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else "inat18" if inat18 else
+                              os.path.splitext(os.path.basename(name))[0])
     src = args.pretrained.rstrip("/")
     src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
     src = src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)

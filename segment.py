@@ -209,6 +209,9 @@ class ADE20K:
     def __len__(self):
         return len(self.names)
 
+    def name(self, i):
+        return self.names[i]
+
     def open(self, i):
         return LabelledImage(Image.open(os.path.join(self.root, self.names[i])),
                              Image.open(os.path.join(self.root, self.label_names[i])), ADE_LUT), -1
@@ -228,6 +231,9 @@ class SyntheticScenes:
 
     def __len__(self):
         return len(self.images)
+
+    def name(self, i):
+        return self.images.name(i)
 
     def open(self, i):
         img, label, objects = self.images.scene(i)

@@ -22,7 +22,7 @@ Read next: mim.py (SimMIM on top of this encoder).
 """
 import math
 import re
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -243,7 +243,9 @@ class SwinV2Config:
     num_classes: int = 0  # 0: no head, forward returns pooled features
     drop_path_rate: float = 0.0
     pyramid: bool = False  # dense tasks: a LayerNorm per stage output (forward_pyramid) instead of norm + head
-    window_sizes: tuple = field(init=False)  # the effective per-stage windows, e.g. (12, 12, 12, 6)
+    # the effective per-stage windows, e.g. (12, 12, 12, 6): derived, but accepted back (equal) so that
+    # SwinV2Config(**model_config(model)) rebuilds the model a checkpoint was written from
+    window_sizes: tuple = None
 
     def __post_init__(self):
         self.depths, self.pretrained_window_sizes = tuple(self.depths), tuple(self.pretrained_window_sizes)
@@ -257,7 +259,10 @@ class SwinV2Config:
                 raise ValueError(f"window {self.window_size} does not divide the {res}x{res} feature map of stage {i} "
                                  f"(image {self.img_size}); valid windows: {valid}")
         # a window larger than the map is clamped to the map (official behaviour): 192 px / w12 -> 12,12,12,6
-        self.window_sizes = tuple(min(self.window_size, r) for r in resolutions)
+        derived = tuple(min(self.window_size, r) for r in resolutions)
+        if self.window_sizes is not None and tuple(self.window_sizes) != derived:
+            raise ValueError(f"window_sizes {tuple(self.window_sizes)} disagree with window {self.window_size} at image {self.img_size}: {derived}")
+        self.window_sizes = derived
 
 
 PAPER_SIZES = ("S", "B", "L", "H", "g")

@@ -1,6 +1,7 @@
 """analyze.py: Pearson r, overfitting, the paper's 63 runs, run directories, figures, bad inputs."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -186,3 +187,87 @@ def test_bad_inputs_give_one_line_messages(tmp_path, capsys):
         analyze.main(["--csv", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="--out .* is a file"):
         analyze.main(["--paper", "--out", str(bad)])
+
+
+def downstream_run(d, kind, task, model="B", run_dir=None, **metrics):
+    """A summary.json of finetune.py (best_top1/best_top5, or a metrics dict), detect.py or segment.py;
+    run_dir None: from scratch (--pretrained none)."""
+    pretrained = dict(path=run_dir and f"{run_dir}/ckpt.pt", run_dir=run_dir, model=run_dir and model)
+    summary = dict(kind=kind, task=task, model=model, pretrained=pretrained)
+    summary.update(metrics if kind == "finetune" and "best_top1" in metrics else dict(metrics=metrics))
+    write_run(d, dict(task=task, pretrained=pretrained), [], summary)
+
+
+def test_downstream_metrics_of_each_kind_and_the_baseline_from_scratch(tmp_path, no_figures):
+    out, run_dir = tmp_path / "out", str(tmp_path / "out" / "B_frac0.1")
+    fake_runs(out, run_dir)  # ft_B: in1k 61.5 / 85.0, from B on imagenet 10 %
+    downstream_run(out / "det_B", "detect", "coco", run_dir=run_dir, box_ap=40.5, mask_ap=36.0)
+    downstream_run(out / "seg_B", "segment", "ade20k", run_dir=run_dir, miou=45.0, pixel_acc=80.0)
+    downstream_run(out / "inat_B", "finetune", "inat", run_dir=run_dir, top1=70.0)  # finetune with a metrics dict
+    for seed, top1 in enumerate([50.0, 53.0]):  # two seeds from scratch: their mean
+        downstream_run(out / f"scratch_B_s{seed}", "finetune", "in1k", best_top1=top1, best_top5=75.0 + seed)
+    downstream_run(out / "scratch_B_det", "detect", "coco", box_ap=30.0, mask_ap=27.0)
+    downstream_run(out / "scratch_L", "finetune", "in1k", model="L", best_top1=55.0, best_top5=None)
+    rows = {(r["model"], r["data"]): r for r in analyze.load_runs([str(out / "*")])}
+    ours = rows["B", "imagenet 10%"]
+    assert {k: ours[k] for k in ("in1k_top1", "in1k_top5", "coco_box_ap", "coco_mask_ap", "ade20k_miou",
+                                 "ade20k_pixel_acc", "inat_top1")} == \
+        dict(in1k_top1=61.5, in1k_top5=85.0, coco_box_ap=40.5, coco_mask_ap=36.0, ade20k_miou=45.0,
+             ade20k_pixel_acc=80.0, inat_top1=70.0)
+    scratch = rows["B", "scratch"]
+    assert (scratch["iters"], scratch["images"], scratch.get("val_loss")) == (0, 0, None)
+    assert (scratch["in1k_top1"], scratch["in1k_top5"], scratch["coco_box_ap"]) == (51.5, 75.5, 30.0)
+    assert rows["L", "scratch"]["in1k_top1"] == 55.0 and "in1k_top5" not in rows["L", "scratch"]
+
+    analyze.main([str(out / "*"), "--out", str(tmp_path / "a")])
+    tables = (tmp_path / "a" / "tables.md").read_text()
+    # the baseline is the first column of each "best" table (0 pre-training images), one value per model
+    assert "### Best in1k_top1 per model and data (iterations)\n| model | scratch | imagenet 10% |" in tables
+    assert "| B | 51.50 | 61.50 (100) |" in tables and "| L | 55.00 | — |" in tables
+    assert "| B | 30.00 | 40.50 (100) |" in tables  # coco_box_ap: scratch, imagenet 10 %
+    assert "| B | scratch |" not in tables  # no line in the grid of pre-training runs (no loss, no length)
+    # out of the correlations and the overfitting flags: n counts the finished pre-training runs only
+    corr = json.loads((tmp_path / "a" / "correlations.json").read_text())
+    assert corr["all"]["val_loss"]["in1k_top1"]["n"] == 1 and corr["all"]["val_loss"]["coco_box_ap"]["n"] == 1
+    with open(tmp_path / "a" / "runs.csv") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["data"] == "scratch"]
+    assert [(r["model"], r["iters"], r["images"], r["val_loss"], r["overfit"], r["in1k_top1"], r["coco_box_ap"])
+            for r in csv_rows] == [("B", "0", "0", "", "", "51.5", "30"), ("L", "0", "0", "", "", "55", "")]
+    # runs.csv reads back with --csv: the same baseline, the same tables
+    analyze.main(["--csv", str(tmp_path / "a" / "runs.csv"), "--out", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "tables.md").read_text().split("\n### Pearson")[0] == tables.split("\n### Pearson")[0]
+
+
+def test_an_analysis_owns_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folders are relative: analysis/, analysis/paper/
+    run_dir = str(tmp_path / "out" / "B_frac0.1")
+    fake_runs(tmp_path / "out", run_dir)
+    downstream_run(tmp_path / "out" / "seg_B", "segment", "ade20k", run_dir=run_dir, miou=45.0)
+    downstream_run(tmp_path / "out" / "scratch_B", "finetune", "in1k", best_top1=50.0, best_top5=75.0)
+    analyze.main([])  # out/* into analysis/
+    ours = tmp_path / "analysis"
+    assert (ours / "ade20k_miou_vs_data.png").exists() and (ours / "in1k_top1_vs_loss.png").exists()
+    before = {f.name: f.read_bytes() for f in ours.iterdir() if f.is_file()}
+    manifest = json.loads(before["analysis.json"])
+    assert manifest["inputs"] == dict(runs=["../out/*"], csv=None, paper=False)
+    assert set(manifest["files"]) == set(before) - {"analysis.json"}
+    figures = analyze.figures
+    monkeypatch.setattr(analyze, "figures", lambda *args: [])  # the paper's: its tables suffice here
+    analyze.main(["--paper"])  # the paper alone: its own folder, ours untouched
+    assert "## paper runs (63)" in (ours / "paper" / "tables.md").read_text()
+    assert {f.name: f.read_bytes() for f in ours.iterdir() if f.is_file()} == before
+    with pytest.raises(SystemExit, match=r"--out analysis: holds the analysis of `analyze.py`; pass another"):
+        analyze.main(["--paper", "--out", "analysis"])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--out notes: holds 1 file.* but no analysis.json"):
+        analyze.main(["--out", "notes"])
+    monkeypatch.setattr(analyze, "figures", figures)
+    # the same analysis again replaces its own files, the PNGs of a metric gone since included, and
+    # leaves what is not its own
+    (ours / "todo.txt").write_text("mine")
+    shutil.rmtree(tmp_path / "out" / "seg_B")
+    analyze.main(["out/*"])
+    assert not (ours / "ade20k_miou_vs_data.png").exists() and (ours / "in1k_top1_vs_data.png").exists()
+    assert (ours / "todo.txt").read_text() == "mine" and (ours / "paper" / "tables.md").exists()
+    assert "ade20k" not in (ours / "tables.md").read_text()

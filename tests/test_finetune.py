@@ -12,6 +12,7 @@ import torch
 import finetune
 import mim
 import swinv2
+from conftest import write_inat18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 training images, global batch 8 in micro-batches of 4: 2 steps per epoch, 4 steps in all
@@ -135,6 +136,80 @@ def test_layer_decay_groups_and_their_learning_rates():
         assert finetune.group_lr(60, s, r) == pytest.approx((1e-3 * s + 2e-6) / 2)  # half-way down the cosine
         assert finetune.group_lr(110, s, r) == pytest.approx(2e-6)
     assert len({finetune.group_lr(10, s, r) for s in scales}) == 10
+
+
+def test_inat18_as_released_fine_tunes_with_its_own_head(tmp_path):
+    """iNat18's json files (three species with ids 3, 17, 42) for one epoch: a 3-way head, task inat18."""
+    write_inat18(tmp_path)
+    out = tmp_path / "ft"
+    argv = ["--model", "tiny", "--data", str(tmp_path / "train2018.json"), "--val_data", str(tmp_path / "val2018.json"),
+            "--pretrained", "none", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--workers", "0"]
+    assert resolved(argv)[1]["task"] == resolved(argv[:2] + ["--data", str(tmp_path)] + argv[6:])[1]["task"] == "inat18"
+    finetune.main(argv + ["--out_dir", str(out)])
+    summary = json.load(open(out / "summary.json"))
+    assert summary["task"] == "inat18" and summary["epochs"] == 1 and 0 <= summary["last_top1"] <= 100
+    assert [(l["epoch"], l["step"]) for l in read_log(out) if "top1" in l] == [(1, 3)]  # 12 images / batch 4
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["head.weight"].shape == (3, 256) and ckpt["identity"]["data_classes"] == 3
+    assert json.load(open(out / "args.json"))["classes"] == ["3", "17", "42"]  # label k is category id classes[k]
+
+
+def smoothed(labels, K, eps=0.1):
+    """(B, K): label smoothing of one-hot labels, 1 - eps + eps/K on the class, eps/K elsewhere."""
+    y = torch.full((len(labels), K), eps / K, dtype=torch.float64)
+    y[range(len(labels)), labels] += 1 - eps
+    return y
+
+
+def test_soft_targets_without_mixing_are_smoothed_one_hot():
+    x, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 3, 9])
+    out, y = finetune.make_mixer(0.0, 0.0, 0.1, 10)(x, labels)
+    assert torch.equal(out, x)
+    torch.testing.assert_close(y.double(), smoothed(labels, 10))  # 0.91 on the class, 0.01 elsewhere
+    torch.testing.assert_close(y.sum(1), torch.ones(4))
+
+
+def recover_mixing(x, mixed):
+    """Read the mixing off the images: (kind, lambda, partner of each image). Cutmix pastes one box of the
+    partner into every image (the rest keeps its own pixels, lambda = the kept area); mixup blends whole
+    images, mixed = lambda x_i + (1 - lambda) x_j, and the partner j is the one that fits."""
+    kept = (mixed == x).all(1)  # (B, H, W)
+    B = len(x)
+    if kept.any():
+        box = ~kept[0]
+        assert (kept == kept[0]).all()  # one box for the whole batch
+        partner = [next(j for j in range(B) if torch.equal(mixed[i][:, box], x[j][:, box])) for i in range(B)]
+        return "cutmix", kept[0].double().mean().item(), partner
+    partner, lams = [], []
+    for i in range(B):
+        fits = []
+        for j in range(B):
+            d = x[i] - x[j]
+            lam = ((mixed[i] - x[j]) * d).sum() / (d * d).sum() if j != i else torch.tensor(0.0)
+            fits.append(((mixed[i] - lam * x[i] - (1 - lam) * x[j]).abs().max(), lam.item(), j))
+        err, lam, j = min(fits)
+        assert err < 1e-5, err
+        partner.append(j), lams.append(lam)
+    assert max(lams) - min(lams) < 1e-9  # one lambda for the whole batch
+    return "mixup", lams[0], partner
+
+
+def test_soft_targets_with_mixing_mix_the_two_label_distributions():
+    K, labels = 10, torch.tensor([1, 4, 7, 2, 9, 0])
+    x = torch.rand(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mix = finetune.make_mixer(0.8, 1.0, 0.1, K)
+    kinds = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        mixed, y = mix(x, labels)
+        kind, lam, partner = recover_mixing(x, mixed)
+        kinds.append(kind)
+        assert 0 < lam < 1, (seed, kind, lam)
+        # lambda of the image's own smoothed labels plus (1 - lambda) of its partner's
+        want = lam * smoothed(labels, K) + (1 - lam) * smoothed(labels[partner], K)
+        torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6, msg=f"seed {seed}, {kind}")
+        torch.testing.assert_close(y.sum(1).double(), torch.ones(6, dtype=torch.float64))
+    assert 3 <= kinds.count("cutmix") <= 9, kinds  # one of the two per batch, with probability 0.5 each
 
 
 def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):

@@ -211,12 +211,14 @@ def test_an_ade20k_folder_trains_evaluates_and_names_its_pretraining(tmp_path):
     mim.main(["--model", "tiny", "--data", "synthetic:8", "--iters", "2", "--batch_size", "4", "--val_images", "4",
               "--workers", "0", "--out_dir", str(pre)])
     write_ade(tmp_path / "ade")
+    (tmp_path / "ade" / "images" / "training" / "ADE_train_00000002.jpg").write_bytes(b"not a jpeg")  # logged, replaced
     out = tmp_path / "seg"
     metrics = segment.main(["--model", "tiny", "--data", str(tmp_path / "ade"), "--pretrained", str(pre), "--iters", "2",
                             "--warmup_iters", "1", "--batch_size", "2", "--log_every", "1", "--eval_every", "2", "--channels", "16",
                             "--workers", "0", "--out_dir", str(out)])
     summary = json.load(open(out / "summary.json"))
     assert summary["kind"] == "segment" and summary["task"] == "ade20k" and summary["val_images"] == 2
+    assert summary["bad_files"] == 1 and summary["bad_images"] >= 1  # 4 crops drawn from 3 images
     assert summary["metrics"] == metrics and set(metrics) == {"miou", "pixel_acc"}
     assert all(0 <= v <= 100 for v in metrics.values())
     assert summary["pretrained"] == finetune.read_pretrained(str(pre))[1] and summary["pretrained"]["run_dir"] == str(pre)
