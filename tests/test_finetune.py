@@ -154,6 +154,64 @@ def test_inat18_as_released_fine_tunes_with_its_own_head(tmp_path):
     assert json.load(open(out / "args.json"))["classes"] == ["3", "17", "42"]  # label k is category id classes[k]
 
 
+def smoothed(labels, K, eps=0.1):
+    """(B, K): label smoothing of one-hot labels, 1 - eps + eps/K on the class, eps/K elsewhere."""
+    y = torch.full((len(labels), K), eps / K, dtype=torch.float64)
+    y[range(len(labels)), labels] += 1 - eps
+    return y
+
+
+def test_soft_targets_without_mixing_are_smoothed_one_hot():
+    x, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 3, 9])
+    out, y = finetune.make_mixer(0.0, 0.0, 0.1, 10)(x, labels)
+    assert torch.equal(out, x)
+    torch.testing.assert_close(y.double(), smoothed(labels, 10))  # 0.91 on the class, 0.01 elsewhere
+    torch.testing.assert_close(y.sum(1), torch.ones(4))
+
+
+def recover_mixing(x, mixed):
+    """Read the mixing off the images: (kind, lambda, partner of each image). Cutmix pastes one box of the
+    partner into every image (the rest keeps its own pixels, lambda = the kept area); mixup blends whole
+    images, mixed = lambda x_i + (1 - lambda) x_j, and the partner j is the one that fits."""
+    kept = (mixed == x).all(1)  # (B, H, W)
+    B = len(x)
+    if kept.any():
+        box = ~kept[0]
+        assert (kept == kept[0]).all()  # one box for the whole batch
+        partner = [next(j for j in range(B) if torch.equal(mixed[i][:, box], x[j][:, box])) for i in range(B)]
+        return "cutmix", kept[0].double().mean().item(), partner
+    partner, lams = [], []
+    for i in range(B):
+        fits = []
+        for j in range(B):
+            d = x[i] - x[j]
+            lam = ((mixed[i] - x[j]) * d).sum() / (d * d).sum() if j != i else torch.tensor(0.0)
+            fits.append(((mixed[i] - lam * x[i] - (1 - lam) * x[j]).abs().max(), lam.item(), j))
+        err, lam, j = min(fits)
+        assert err < 1e-5, err
+        partner.append(j), lams.append(lam)
+    assert max(lams) - min(lams) < 1e-9  # one lambda for the whole batch
+    return "mixup", lams[0], partner
+
+
+def test_soft_targets_with_mixing_mix_the_two_label_distributions():
+    K, labels = 10, torch.tensor([1, 4, 7, 2, 9, 0])
+    x = torch.rand(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mix = finetune.make_mixer(0.8, 1.0, 0.1, K)
+    kinds = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        mixed, y = mix(x, labels)
+        kind, lam, partner = recover_mixing(x, mixed)
+        kinds.append(kind)
+        assert 0 < lam < 1, (seed, kind, lam)
+        # lambda of the image's own smoothed labels plus (1 - lambda) of its partner's
+        want = lam * smoothed(labels, K) + (1 - lam) * smoothed(labels[partner], K)
+        torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6, msg=f"seed {seed}, {kind}")
+        torch.testing.assert_close(y.sum(1).double(), torch.ones(6, dtype=torch.float64))
+    assert 3 <= kinds.count("cutmix") <= 9, kinds  # one of the two per batch, with probability 0.5 each
+
+
 def test_evaluation_is_exact_for_one_and_two_processes(tmp_path):
     # 51 images (odd): two ranks get 26 and 25, none padded or repeated
     out = tmp_path / "ft"

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mim
 import swinv2
@@ -21,6 +22,7 @@ def test_mask_generator_count_and_blocks():
     gen = mim.MaskGenerator(192, 32, 4, 0.6)
     mask = gen(0)
     assert mask.shape == (48, 48) and mask.sum() == 22 * 64  # ceil(0.6 * 36) = 22 cells of 8x8 tokens
+    assert mim.MaskGenerator(224, 32, 4, 0.6).count == 30  # rounded up, as official: ceil(0.6 * 49 = 29.4)
     cells = mask.view(6, 8, 6, 8)
     assert (cells.amin((1, 3)) == cells.amax((1, 3))).all()  # constant over each 32 px cell
     assert torch.equal(gen(5), gen(5)) and not torch.equal(gen(5), gen(6))
@@ -38,6 +40,35 @@ def test_norm_targets_matches_direct_computation():
         win = x[0, c, max(0, i - 2): i + 3, max(0, j - 2): j + 3].flatten()
         expect = (x[0, c, i, j] - win.mean()) / torch.sqrt(win.var(unbiased=True) + 1e-6)
         assert torch.allclose(out[0, c, i, j], expect), (c, i, j)
+
+
+def avg_pool_norm_targets(x, k):
+    """mim.norm_targets as it was before the box filter: 1-D average poolings, rows then columns."""
+    def pool(t, include_pad):
+        t = F.avg_pool2d(t, (k, 1), 1, (k // 2, 0), count_include_pad=include_pad)
+        return F.avg_pool2d(t, (1, k), 1, (0, k // 2), count_include_pad=include_pad)
+    mean, mean_sq = pool(x, False), pool(x * x, False)
+    n = pool(torch.ones_like(x[:1, :1]), True) * k * k  # in-image pixels per window
+    var = ((mean_sq - mean * mean) * n / (n - 1)).clamp(min=0)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+def test_norm_targets_exact_at_192px_in_flat_bright_regions():
+    """The worst case for prefix sums: large sums (a 192 px image of values near the top of the
+    ImageNet-normalised range) and tiny local variance (flat regions with noise 1e-3), float32 input."""
+    torch.manual_seed(0)
+    x = torch.full((2, 3, 192, 192), 2.64) + 1e-3 * torch.randn(2, 3, 192, 192)
+    x[:, :, 100:, 60:] = -2.1 + 1e-3 * torch.randn(2, 3, 92, 132)  # an edge: windows with large variance too
+    out = mim.norm_targets(x, 47)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), avg_pool_norm_targets(x.double(), 47), rtol=0, atol=1e-6)
+    x64 = x.double()
+    for b, c, i, j in [(0, 0, 0, 0), (1, 2, 191, 191), (0, 1, 100, 60), (1, 0, 120, 5), (0, 2, 30, 180), (1, 1, 191, 0)]:
+        win = x64[b, c, max(0, i - 23): i + 24, max(0, j - 23): j + 24].flatten()
+        expect = (x64[b, c, i, j] - win.mean()) / torch.sqrt(win.var(unbiased=True) + 1e-6)
+        assert abs(out[b, c, i, j].item() - expect.item()) < 1e-6, (b, c, i, j)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SimMIM calls it inside autocast: no bf16 sneaks in
+        assert torch.equal(mim.norm_targets(x, 47), out)
 
 
 def tiny_simmim(norm_target=0):
@@ -72,6 +103,17 @@ def test_masked_patches_see_only_the_mask_token():
     y[..., :16, :16] = torch.randn(16, 16, dtype=torch.float64)  # new pixels under the mask
     assert torch.allclose(model.predict(x, mask), model.predict(y, mask))
     assert "encoder.mask_token" in model.state_dict() and "decoder.0.weight" in model.state_dict()
+
+
+def test_mask_token_starts_trunc_normal_std_002():
+    """official_code.md B.1: the mask token is trunc-normal with std 0.02 (the five paper sizes: 1216 values)."""
+    torch.manual_seed(0)
+    tokens = []
+    for size in swinv2.PAPER_SIZES:
+        with torch.device("meta"):  # the encoder on meta; the wrapper adds a real token
+            encoder = swinv2.create(size)
+        tokens.append(mim.SimMIM(encoder).encoder.mask_token.flatten())
+    assert abs(torch.cat(tokens).std().item() - 0.02) < 0.0015
 
 
 def test_get_lr_boundaries():
@@ -135,9 +177,12 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    args = TINY + ["--iters", "3", "--drop_path", "0.1"]
-    mim.main(args + ["--micro_batch", "4", "--out_dir", str(tmp_path / "one")])  # 1 process x 2 accumulation
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1_vs_1x2", "2x2_vs_1x4"])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch):
+    """Global batch 8 in micro-batches of 4: 2 processes x 1 micro-step vs 1 process x 2; of 2: 2 processes
+    x 2 micro-steps (DDP's no_sync on the first, the all-reduce on the last) vs 1 process x 4."""
+    args = TINY + ["--iters", "3", "--drop_path", "0.1", "--micro_batch", str(micro_batch)]
+    mim.main(args + ["--out_dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "mim.py")] + args + ["--out_dir", str(tmp_path / "two")]

@@ -22,7 +22,7 @@ def readme_commands():
 def test_readme_commands_parse():
     commands = list(readme_commands())
     scripts = {script for _, script, _ in commands}
-    assert {"mim.py", "finetune.py", "detect.py", "analyze.py", "bench.py"} <= scripts, scripts
+    assert {"mim.py", "finetune.py", "detect.py", "segment.py", "analyze.py", "bench.py"} <= scripts, scripts
     for line, script, argv in commands:
         module = importlib.import_module(script[:-3])
         argv = [a.replace("$HOST", "localhost") for a in argv]

@@ -9,11 +9,14 @@ import swinv2
 
 
 def randomize(model, seed=0):
-    """Give every parameter random values (the zero-init post-norms would hide most bugs)."""
+    """Give every parameter random values (the zero-init post-norms would hide most bugs). The position-bias
+    MLP gets weights large enough that its output varies by a few units across positions: with small
+    weights the bias is almost constant, the softmax cancels a constant, and a wrong 15 * sigmoid hides."""
     g = torch.Generator().manual_seed(seed)
+    std = lambda name: 0.5 if "norm" in name else 1.0 if "cpb_mlp.0" in name else 0.1 if "cpb_mlp.2" in name else 0.05
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.05) + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
+            p.copy_(torch.randn(p.shape, generator=g) * std(name) + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
     return model
 
 
@@ -54,6 +57,27 @@ def test_state_dict_keys_are_official():
     assert model.layers[2].blocks[0].attn.logit_scale.shape == (16, 1, 1)
 
 
+def reference_position_bias(attn, pretrained_window=0):
+    """(nH, N, N) from SwinV2 sec. 3.3 and official_code.md A.3, without the module's table or index: token i
+    of a W x W window sits at (i // W, i % W); the offset (dh, dw) of query i from key j, divided by (pretrained
+    window - 1), times 8, mapped by t -> sign(t) log2(1 + |t|) / log2(8), goes through the MLP; bias = 16 sigmoid."""
+    W = attn.ws
+    pos = torch.tensor([(i // W, i % W) for i in range(W * W)], dtype=torch.float64)  # (N, 2): row, column
+    t = (pos[:, None] - pos[None, :]) / ((pretrained_window or W) - 1) * 8  # (N, N, 2): query minus key
+    coords = torch.sign(t) * torch.log2(1 + t.abs()) / math.log2(8)
+    mlp = attn.cpb_mlp
+    out = F.relu(coords @ mlp[0].weight.double().T + mlp[0].bias.double()) @ mlp[2].weight.double().T  # (N, N, nH)
+    return 16 * torch.sigmoid(out).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("window,pretrained", [(4, 0), (14, 12)])
+def test_position_bias_is_16_sigmoid_of_the_mlp_of_log_spaced_offsets(window, pretrained):
+    attn = randomize(swinv2.WindowAttention(64, window, 2, pretrained), seed=1)
+    want = reference_position_bias(attn, pretrained)
+    assert want.std() > 1.0  # the bias varies across positions, so a wrong scale or offset shows
+    torch.testing.assert_close(attn.position_bias().double(), want, rtol=1e-5, atol=1e-5)
+
+
 def reference_attention(attn, x, mask):
     """The official computation, written out: cos(q, k) * scale + 16 sigmoid(bias) (+ mask), softmax."""
     B_, N, C = x.shape
@@ -61,7 +85,7 @@ def reference_attention(attn, x, mask):
     q, k, v = qkv.reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
     scores = scores * torch.clamp(attn.logit_scale, max=math.log(100.0)).exp()
-    scores = scores + attn.position_bias().unsqueeze(0)
+    scores = scores + attn.position_bias().unsqueeze(0)  # itself checked by the test above
     if mask is not None:
         nW = mask.shape[0]
         scores = (scores.view(B_ // nW, nW, attn.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, attn.num_heads, N, N)
@@ -89,6 +113,17 @@ def test_sdpa_attention_equals_reference(shifted):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for g, r in zip(grads, ref_grads):  # x, logit_scale, cpb_mlp, qkv, q_bias, v_bias, proj
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_initial_values_are_the_official_ones():
+    """official_code.md A.7: Linear weights trunc-normal std 0.02, biases 0, logit_scale ln 10 (temperature 0.1)."""
+    torch.manual_seed(0)
+    model = swinv2.create("tiny", num_classes=10)
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])  # 2.3M values
+    assert abs(weights.std().item() - 0.02) < 2e-4 and abs(weights.mean().item()) < 1e-4
+    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    scales = [b.attn.logit_scale for layer in model.layers for b in layer.blocks]
+    assert all(torch.equal(s, torch.full_like(s, math.log(10.0))) for s in scales)
 
 
 def test_shift_mask_regions():
@@ -220,10 +255,11 @@ def test_parity_with_timm():
             k = k.replace(f"layers.{i}.", f"layers.{i + 1}.", 1)
         sd[k.replace("head.", "head.fc.")] = v
     theirs.load_state_dict(sd, strict=True)
+    assert min(b.attn.position_bias().std() for layer in ours.layers for b in layer.blocks) > 0.5  # not a constant
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         a, b = ours(x), theirs(x)
-    assert (a - b).abs().max() < 1e-4, f"max diff {(a - b).abs().max():.2e}, mean {(a - b).abs().mean():.2e}"
+    assert (a - b).abs().max() < 1e-5, f"max diff {(a - b).abs().max():.2e}, mean {(a - b).abs().mean():.2e}"
 
 
 def test_pyramid_maps_are_the_stage_outputs_and_load_pretrained_weights():

@@ -1,0 +1,154 @@
+"""bench.py: the GPU report's functions run on a CPU at tiny sizes (so the GPU run is a measurement, not
+a round of debugging), its micro-batch search and time budget, the FLOP count behind MFU, and the small
+modes' edges (no timm, temporary JPEGs). Timings are never asserted."""
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import bench
+import mim
+import swinv2
+
+TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile=("tiny", "nano"), sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
+                 data=dict(jpeg_size="64x48", images=2), timing=dict(warmup=1, seconds=0, min_steps=1), search_s=1e6,
+                 compile_backend=None)  # torch.compile itself: test_compiled_step_equals_eager
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
+    """Every phase of the report, with an out-of-memory error simulated above micro-batch 2 (raised in
+    the SimMIM loss, as a real one would be mid-step), so the halving, the search and the recovery run too."""
+    norm_targets = mim.norm_targets
+
+    def small_memory(x, k):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return norm_targets(x, k)
+    monkeypatch.setattr(mim, "norm_targets", small_memory)
+    path = str(tmp_path / "report.json")
+    R = bench.gpu_report(torch.device("cpu"), TINY_PLAN, budget=1e6, json_path=path)
+
+    assert json.load(open(path))["phases"] == R["phases"]
+    md = open(str(tmp_path / "report.md")).read()
+    for label in ("tiny SimMIM, 64 px, eager", "tiny SimMIM, 64 px, torch.compile", "nano SimMIM, 64 px, eager, grad_ckpt",
+                  "nano SimMIM, 64 px, torch.compile"):
+        assert f"| {label} | 2 |" in md, label  # halved from 4
+    assert "| tiny fine-tuning, 64 px, window 4, eager | 4 |" in md  # no loss, no simulated shortage
+    assert "error" not in json.dumps(R) and all(isinstance(v, float) for v in R["phases"].values()), R["phases"]
+    for name in ("tiny", "nano"):
+        s = R[f"size {name}"]
+        assert s["gflop_per_img"] > 0 and s["eager"]["batch"] == 2 and s["eager"]["img_s"] > 0
+        assert s["eager"]["grad_ckpt"] == (name == "nano")
+        assert s["no_ckpt"] == s["grad_ckpt"] == dict(batch=2, stop="oom", peak_gib=None)  # 4 ran out of memory
+    assert R["compiled tiny"]["img_s"] > 0 and R["compiled nano"]["compile_s"] > 0
+    sdpa = R["sdpa"]
+    assert sdpa["forced"]["math"] == "runs" and sdpa["forced"]["efficient_attention"].startswith("fails")  # no CPU kernel
+    assert sdpa["default_ops"] == ["aten.bmm"]  # a float mask that needs a gradient takes the math path on a CPU
+    n = R["numerics"]
+    assert n["loss_rel_diff"] < 0.02 and 0 < n["grad_rel_diff"] < 0.2 and n["tiny_nonfinite"] == 0
+    assert R["finetune"]["img_s"] > 0 and set(R["data"]) == {"plain", "plain uint8", "ours"}
+    R["env"]["peak_tflops"] = 1e-3  # as on a GPU of 1 GFLOP/s: the MFU column fills in
+    mfu = R["size tiny"]["eager"]["img_s"] * R["size tiny"]["gflop_per_img"]
+    assert f"| {100 * mfu:.1f} % |" in bench.markdown(R)
+
+
+def test_gpu_report_skips_what_does_not_fit_the_budget(tmp_path):
+    path = str(tmp_path / "r.json")
+    R = bench.gpu_report(torch.device("cpu"), TINY_PLAN, budget=0, json_path=path)
+    assert len(R["phases"]) == 8 and all(v.startswith("skipped") for v in R["phases"].values())
+    assert "- sdpa: skipped: needs ~20 s, 0 s left" in open(str(tmp_path / "r.md")).read()
+
+
+def test_compiled_step_equals_eager(one_thread):
+    """The report's compiled rows run train_step through torch.compile (TorchDynamo's graph capture; the
+    'eager' backend stands in for inductor's code generation, which takes minutes on a CPU)."""
+    steps, losses = [], []
+    for backend in (None, "eager"):
+        torch.manual_seed(0)
+        model, opt = bench.simmim_parts(swinv2.create("tiny", drop_path_rate=0.1), torch.device("cpu"))
+        steps.append(bench.train_step(model, opt, contextlib.nullcontext(), backend))
+    x, mask = bench.simmim_batch(model.encoder.cfg, 2, torch.device("cpu"))
+    for s in range(2):
+        for step in steps:
+            torch.manual_seed(s)  # the same drop path
+            losses.append(torch.stack(step(x, mask)))
+    assert torch.allclose(losses[0], losses[1]) and torch.allclose(losses[2], losses[3]) and not torch.equal(losses[0], losses[2])
+
+
+def test_largest_batch_doubles_halves_and_stops():
+    def probe_fitting(limit, seconds=1.0):
+        tried = []
+
+        def probe(b):
+            tried.append(b)
+            return seconds if b <= limit else None
+        return probe, tried
+    probe, tried = probe_fitting(12)
+    assert bench.largest_batch(probe, 4, 64, lambda: 1e9) == (8, "oom") and tried == [4, 8, 16]
+    probe, tried = probe_fitting(12)
+    assert bench.largest_batch(probe, 32, 64, lambda: 1e9) == (8, "oom") and tried == [32, 16, 8]
+    probe, tried = probe_fitting(1000)
+    assert bench.largest_batch(probe, 4, 16, lambda: 1e9) == (16, "cap") and tried == [4, 8, 16]
+    probe, tried = probe_fitting(1000, seconds=10.0)
+    assert bench.largest_batch(probe, 4, 64, lambda: 30.0) == (4, "time") and tried == [4]  # 8 would take ~40 s
+    probe, tried = probe_fitting(0)
+    assert bench.largest_batch(probe, 4, 64, lambda: 1e9) == (0, "none fits") and tried == [4, 2, 1]
+
+
+def test_memory_line_and_peak_table(monkeypatch):
+    assert bench.memory_line({8: 3.0}) == {}
+    assert bench.memory_line({4: 2.0, 16: 5.0, 32: 9.0}) == dict(gib_fixed=1.0, gib_per_img=0.25)  # the two largest
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                         ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 NVL", None), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        peak, line = bench.peak_tflops(torch.device("cuda"))
+        assert peak == tflops and name in line, (name, line)
+
+
+def test_flops_per_image_match_an_independent_count():
+    """SwinV2-B's SimMIM step at 192 px: timm's encoder counted with the same FlopCounterMode gives 11.86
+    GMAC forward, x2 FLOP/MAC x3 for forward + backward = 71.1 GFLOP, and the decoder adds ~0.4 (perf.md)."""
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        model = mim.SimMIM(swinv2.create("B"), 47)
+    masks = mim.MaskGenerator(192, 32, 4, 0.6)
+    mask = torch.stack([masks(0), masks(1)]).to("meta")
+    gflop = bench.flops_per_image(model, torch.empty(2, 3, 192, 192, device="meta"), mask, contextlib.nullcontext()) / 1e9
+    assert 71.1 < gflop < 71.6, gflop
+
+
+def test_gpu_mode_without_cuda_says_so_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--what", "gpu"]) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA GPU" in out
+
+
+def test_timm_missing_gives_one_line(capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--what", "encoder", "--model", "tiny", "--timm"])
+    assert "pip install timm" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert capsys.readouterr().out == ""  # refused before any work
+
+
+def test_data_mode_removes_its_temporary_jpegs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rates = bench.main(["--what", "data", "--jpeg_size", "64x48", "--images", "2", "--img_size", "32"])
+    assert set(rates) == {"plain", "plain uint8", "ours"} and all(r > 0 for r in rates.values())
+    assert os.listdir(tmp_path) == []
+    assert capsys.readouterr().out.count("img per CPU-second") == 1
