@@ -458,30 +458,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    rank, local_rank, world, device = mim.setup_distributed()
-    run = mim.RunDir(r["out_dir"], rank == 0)
-    try:
-        return detect(args, r, run, model, missing, pretrained, train, val_set, device, rank, world)
-    finally:
-        run.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return mim.launch(r["out_dir"], detect, args, r, model, missing, pretrained, train, val_set)
 
 
-def detect(args, r, run, model, missing, pretrained, train, val_set, device, rank, world):
+def detect(args, r, model, missing, pretrained, train, val_set, run, device, rank, world):
     master, K, N, B = rank == 0, len(train.cat_ids), len(train), r["batch_size"]
-    dtype = mim.amp_dtype(device, args.dtype)
-    ctx = mim.autocast(device, dtype)
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
     p = pretrained
     print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
            f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
-    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
-                                    if p["run_dir"] else p["path"] or "none: from scratch"))
-    if missing:
-        print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
+    finetune.print_pretrained(p, missing)
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
     print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
            f"x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")

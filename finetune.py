@@ -22,7 +22,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -141,6 +140,14 @@ def pretrained_name(path):
     return src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
 
 
+def print_pretrained(p, missing):
+    """Two lines of every downstream script's start: where the encoder comes from, what starts fresh."""
+    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
+                                    if p["run_dir"] else p["path"] or "none: from scratch"))
+    if missing:
+        print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
+
+
 def read_pretrained(path):
     """--pretrained -> (checkpoint dict or None, pairing info for summary.json). A mim.py checkpoint names
     its run (model, frac, iters, data, step, val_loss: analyze.py pairs the two runs through it); of an
@@ -257,30 +264,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    rank, local_rank, world, device = mim.setup_distributed()
-    run = mim.RunDir(r["out_dir"], rank == 0)
-    try:
-        return finetune(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world)
-    finally:
-        run.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return mim.launch(r["out_dir"], finetune, args, r, model, missing, pretrained, train_set, val_set)
 
 
-def finetune(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world):
+def finetune(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
     master, K, N, B = rank == 0, len(train_set.classes), len(train_set), r["batch_size"]
-    dtype = mim.amp_dtype(device, args.dtype)
-    ctx = mim.autocast(device, dtype)
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
     p = pretrained
     print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over pre-trained "
            f"{model.cfg.pretrained_window_sizes}, {K} classes")
-    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
-                                    if p["run_dir"] else p["path"] or "none: from scratch"))
-    if missing:
-        print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
+    print_pretrained(p, missing)
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
     print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
            f"warmup {r['warmup_iters']}")

@@ -313,6 +313,20 @@ def setup_distributed():
     return rank, local_rank, world, device
 
 
+def launch(out_dir, body, *a):
+    """Every script's last step: join torchrun's processes, take the run directory, and return
+    body(*a, run, device, rank, world). The directory's lock and the process group are let go however
+    body ends (an error, a signal, sys.exit), so a rerun or the next test finds them free."""
+    rank, _, world, device = setup_distributed()
+    run = RunDir(out_dir, rank == 0)
+    try:
+        return body(*a, run, device, rank, world)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def print0(*a, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **kw, flush=True)
@@ -349,6 +363,15 @@ def amp_dtype(device, flag):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def device_setup(device, dtype_flag, workers):
+    """What the device decides, the same in every script: the autocast dtype and context, TF32 matmuls on
+    GPUs, and data-loader workers (8 per GPU by default; none on a CPU, where the main process computes)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = amp_dtype(device, dtype_flag)
+    return dtype, autocast(device, dtype), workers if workers is not None else 8 if device.type == "cuda" else 0
 
 
 def get_lr(step, peak_lr, start_lr, warmup_iters, iters, milestone=None, min_lr=0.0, schedule="step"):
@@ -799,21 +822,12 @@ def main(argv=None):
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}" + ("; for the CPU demo use --data synthetic" if args.data == "data/imagenet" else ""))
-    rank, local_rank, world, device = setup_distributed()
-    master, run = rank == 0, RunDir(r["out_dir"], rank == 0)
-    try:
-        return pretrain(args, r, run, train_set, val_set, subset, device, master, world, rank)
-    finally:
-        run.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return launch(r["out_dir"], pretrain, args, r, train_set, val_set, subset)
 
 
-def pretrain(args, r, run, train_set, val_set, subset, device, master, world, rank):
-    ctx = autocast(device, amp_dtype(device, args.dtype))
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
+    master = rank == 0
+    dtype, ctx, workers = device_setup(device, args.dtype, args.workers)
     n_train, B = len(subset), r["batch_size"]
     r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
     print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, window {r['window']}, mask {r['mask_patch']} px x {args.mask_ratio}")
@@ -841,7 +855,7 @@ def pretrain(args, r, run, train_set, val_set, subset, device, master, world, ra
     print0(f"{'parameters':>14} {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder, "
            f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M decoder")
     identity = identity_of(args, r, data_train_images=len(train_set), data_subset_hash=subset_hash,
-                           data_val_images=len(val_stream), dtype=str(amp_dtype(device, args.dtype)))
+                           data_val_images=len(val_stream), dtype=str(dtype))
 
     if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
         ckpt = load_or_fail(run.ckpt, master)

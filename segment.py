@@ -592,30 +592,17 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    rank, _, world, device = mim.setup_distributed()
-    run = mim.RunDir(r["out_dir"], rank == 0)
-    try:
-        return segment(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world)
-    finally:
-        run.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return mim.launch(r["out_dir"], segment, args, r, model, missing, pretrained, train_set, val_set)
 
 
-def segment(args, r, run, model, missing, pretrained, train_set, val_set, device, rank, world):
+def segment(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
     master, K, N, B = rank == 0, train_set.num_classes, len(train_set), r["batch_size"]
-    dtype = mim.amp_dtype(device, args.dtype)
-    ctx = mim.autocast(device, dtype)
-    workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 0  # on a CPU, the CPU computes
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
     r["epoch_steps"] = N / B  # log rows show epochs, a derived figure
     p = pretrained
     print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
            f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
-    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
-                                    if p["run_dir"] else p["path"] or "none: from scratch"))
-    print0(f"{'new':>14} {', '.join(sorted({k.rsplit('.', 2)[0] for k in missing} | {'decode_head', 'aux_head'}))} (freshly initialised)")
+    finetune.print_pretrained(p, sorted({k.rsplit('.', 2)[0] for k in missing} | {'decode_head', 'aux_head'}))
     print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation"
            f"{', SyncBatchNorm' if world > 1 and device.type == 'cuda' else ''}")
     print0(f"{'schedule':>14} {r['iters']} steps ({r['iters'] / r['epoch_steps']:.1f} epochs of {N} images, task {r['task']}), "
