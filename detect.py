@@ -77,7 +77,7 @@ def get_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=mim.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
     g.add_argument("--milestones", type=mim.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 2.5)")
-    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2, mmdetection's Swin configs; cpu 25)")
+    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25)")
     g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
     g.add_argument("--micro_batch", type=mim.count, default=None, help="images per GPU per forward; default batch_size / world size")
     g.add_argument("--lr", type=mim.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
@@ -166,10 +166,15 @@ class SwinFPN(nn.Module):
         self.encoder, self.out_channels = encoder, channels
         dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
         self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool())
+        self.autocast = contextlib.nullcontext()  # detect() sets mim.autocast(...): bf16 on GPUs
 
     def forward(self, x):
-        maps = self.encoder.forward_pyramid(x)  # [(B, C * 2^i, S / 2^(i+2), S / 2^(i+2))]
-        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+        # Mixed precision stops here: the heads after it decode boxes from anchors and regress towards the
+        # targets, and bf16 (8-bit mantissa) would round coordinates near 1024 px to multiples of 4 px.
+        with self.autocast:
+            maps = self.encoder.forward_pyramid(x)  # [(B, C * 2^i, S / 2^(i+2), S / 2^(i+2))]
+            out = self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+        return OrderedDict((k, v.float()) for k, v in out.items())
 
 
 class Detector(MaskRCNN):
@@ -392,15 +397,14 @@ def coco_ap(coco_gt, results, image_ids):
 
 
 @torch.no_grad()
-def evaluate(model, loader, coco_gt, cat_ids, device, ctx):
+def evaluate(model, loader, coco_gt, cat_ids, device):
     """Box and mask AP in percent of the raw (unwrapped) model on the loader's images. Each rank predicts its
     shard (data.shard: every image exactly once), rank 0 gathers the COCO results of all ranks and runs
     COCOeval, and every rank returns its numbers, which are the same for any world size."""
     model.eval()
     results, image_ids = [], []
     for images, ids in loader:
-        with ctx:
-            preds = model(model_input(images, device))
+        preds = model(model_input(images, device))
         for pred, image_id in zip(preds, ids.tolist()):
             results += coco_results(pred, image_id, cat_ids)
         image_ids += ids.tolist()
@@ -483,6 +487,7 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
 
     # ---- optimizer: layer-wise decay over the encoder, the full LR for everything new
     model = raw_model = model.to(device)
+    raw_model.backbone.autocast = ctx  # mixed precision in the encoder and FPN only (SwinFPN.forward)
     optimizer = mim.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
     print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M encoder, "
            f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all")
@@ -490,15 +495,15 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
     identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     def coco_eval(step):  # every rank; rank 0 draws
-        metrics = evaluate(raw_model, val_loader, val_set.coco, train.cat_ids, device, ctx)
+        metrics = evaluate(raw_model, val_loader, val_set.coco, train.cat_ids, device)
         if master:
-            tqdm.write(f"step {step}: box AP {metrics['box_ap']:.2f}, mask AP {metrics['mask_ap']:.2f} on {len(val_idx)} images")
+            pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
+            tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} on {len(val_idx)} images")
             save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train.names, device)
         return dict(epoch=step / r["epoch_steps"], **metrics)
 
     if args.eval_only:  # a measurement of the run directory's checkpoint: no lock, nothing written but eval.json
-        ckpt = mim.load_or_fail(run.ckpt, master)
-        raw_model.load_state_dict(ckpt["model"])
+        ckpt = mim.load_for_eval(run.ckpt, raw_model, raw_model.backbone.encoder, args.model, master, classes=K)
         metrics = coco_eval(ckpt["step"])
         if master:
             mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
@@ -527,8 +532,7 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
 
     def loss_fn(batch):
         images, targets = model_input(batch[0], device), [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
-        with ctx:
-            losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch
+        losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch; bf16 in the backbone only
         return sum(losses.values()), losses
 
     meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained,

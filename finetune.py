@@ -300,9 +300,7 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
 
     if args.eval_only:  # a measurement: the run directory's checkpoint, else --pretrained's own head
         if os.path.exists(run.ckpt):
-            ckpt = mim.load_or_fail(run.ckpt, master)
-            raw_model.load_state_dict(ckpt["model"])
-            step = ckpt["step"]
+            step = mim.load_for_eval(run.ckpt, raw_model, raw_model, args.model, master, classes=K)["step"]
         elif missing:
             mim.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
         else:

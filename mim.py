@@ -858,10 +858,7 @@ def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
                            data_val_images=len(val_stream), dtype=str(dtype))
 
     if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
-        ckpt = load_or_fail(run.ckpt, master)
-        if ckpt["identity"].get("model") != args.model:
-            fail(f"{run.ckpt} is a SwinV2-{ckpt['identity'].get('model')} checkpoint; pass --model {ckpt['identity'].get('model')}", master)
-        raw_model.load_state_dict(ckpt["model"])
+        ckpt = load_for_eval(run.ckpt, raw_model, encoder, args.model, master)
         val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
         print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {len(val_stream)} images")
         if master:
@@ -926,13 +923,32 @@ def stream_mask(masks, seed, pos):
     return masks(seed * 2**40 + pos)
 
 
-def load_or_fail(path, master):
+def load_for_eval(path, model, encoder, name, master, classes=None):
+    """--eval_only: load the run directory's checkpoint into the model the flags built, or end with one line.
+    The position bias, its index and the shift masks are computed from the window and input sizes, not
+    stored, so a checkpoint of another architecture would load without complaint and measure something
+    else: it is refused, naming each field of the encoder that differs (SwinV2Config, drop path aside)."""
     if not os.path.exists(path):
         fail(f"--eval_only needs a checkpoint, and {path} does not exist", master)
     try:
-        return load_checkpoint(path, need=("model", "step", "identity"))
+        ckpt = load_checkpoint(path, need=("model", "step", "identity"))
     except ValueError as e:
         fail(e, master)
+    theirs = (ckpt["identity"].get("model"), ckpt["identity"].get("data_classes"))
+    if theirs[0] != name or (classes is not None and theirs[1] != classes):
+        fail(f"{path} is a SwinV2-{theirs[0]}" + (f" with {theirs[1]} classes" if classes is not None else "")
+             + f"; this is SwinV2-{name}" + (f" with {classes}" if classes is not None else "") + f": pass --model {theirs[0]}", master)
+    plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    saved = ckpt.get("model_config") or {}
+    differ = [f"{k} {plain(saved[k])} vs {plain(v)}" for k, v in swinv2.model_config(encoder).items()
+              if k in saved and k != "drop_path_rate" and plain(saved[k]) != plain(v)]
+    if differ:
+        fail(f"{path} was trained as another model ({', '.join(differ)} here): pass the flags of its run (args.json)", master)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # a head of another size (e.g. --fpn_channels)
+        fail(f"{path} does not fit this model: {(str(e).splitlines()[1:] or [str(e)])[0].strip()} ...; pass the flags of its run (args.json)", master)
+    return ckpt
 
 
 if __name__ == "__main__":

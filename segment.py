@@ -639,11 +639,7 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
         return dict(miou=miou, pixel_acc=acc, images=n)  # images: as scored over all ranks, each once
 
     if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
-        ckpt = mim.load_or_fail(run.ckpt, master)
-        theirs = (ckpt["identity"].get("model"), ckpt["identity"].get("data_classes"))
-        if theirs != (args.model, K):
-            mim.fail(f"{run.ckpt} is a SwinV2-{theirs[0]} with {theirs[1]} classes; this is SwinV2-{args.model} with {K}", master)
-        raw_model.load_state_dict(ckpt["model"])
+        ckpt = mim.load_for_eval(run.ckpt, raw_model, raw_model.encoder, args.model, master, classes=K)
         metrics = score(ckpt["step"])
         if master:
             mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))

@@ -246,7 +246,7 @@ def evaluate_fixture(model, coco_root, rank=0, world=1, micro_batch=2):
     val_set = detect.open_coco(str(coco_root), "val")
     loader = data.make_loader(detect.EvalImages(val_set, range(len(val_set))), micro_batch, sampler=data.shard(len(val_set), rank, world),
                               collate_fn=detect.collate)
-    return detect.evaluate(model, loader, val_set.coco, sorted(val_set.coco.getCatIds()), torch.device("cpu"), mim.autocast(torch.device("cpu"), torch.float32))
+    return detect.evaluate(model, loader, val_set.coco, sorted(val_set.coco.getCatIds()), torch.device("cpu"))
 
 
 def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
@@ -257,6 +257,22 @@ def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
     shifted = evaluate_fixture(FakeDetector(coco, shift=4.0), coco)
     assert shifted["box_ap"] < 90 and shifted["box_ap50"] == pytest.approx(100)  # still overlapping > 50 %
     assert shifted["mask_ap"] == pytest.approx(100)  # the masks did not move
+    nothing = FakeDetector(coco)
+    nothing.truth = {size: {k: v[:0] for k, v in t.items()} for size, t in nothing.truth.items()}  # no detection anywhere
+    assert evaluate_fixture(nothing, coco)["box_ap"] == evaluate_fixture(nothing, coco)["mask_ap"] == 0
+
+
+def test_bf16_stops_at_the_fpn_so_boxes_are_decoded_in_float32():
+    model = detect.Detector(swinv2.create("nano", img_size=128, window_size=4, pyramid=True), 3, 128, channels=32, rois=16)
+    model.backbone.autocast = mim.autocast(torch.device("cpu"), torch.bfloat16)
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 128, 128))
+        pred = model([torch.rand(3, 100, 120)])[0]
+    assert all(f.dtype == torch.float32 for f in features.values())
+    assert pred["boxes"].dtype == pred["scores"].dtype == pred["masks"].dtype == torch.float32
+    with model.backbone.autocast:  # the encoder itself did run in bf16
+        assert model.backbone.encoder.forward_pyramid(torch.randn(1, 3, 128, 128))[0].dtype == torch.bfloat16
 
 
 def eval_worker(rank, world, coco_root, out_dir):
@@ -312,6 +328,12 @@ def test_trains_on_the_coco_fixture_and_evaluates(coco, tmp_path):
     # --eval_only re-measures the checkpoint: the same numbers
     again = detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"])
     assert {k: again[k] for k in metrics} == metrics and json.load(open(out / "eval.json"))["box_ap"] == metrics["box_ap"]
+    # ... but not as another model: the position bias is computed from the window, so a checkpoint would load
+    # into it silently; a head of another width would not load at all
+    for extra, words in [(["--window", "2"], "window_size 4 vs 2"), (["--fpn_channels", "32"], "size mismatch")]:
+        with pytest.raises(SystemExit) as e:
+            detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"] + extra)
+        assert str(e.value.code).startswith("error:") and words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
 
 
 def test_resume_after_sigterm_or_sigkill_gives_the_same_weights_and_log(tmp_path, monkeypatch):
