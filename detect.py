@@ -24,7 +24,6 @@ The training loop, run directory and resume are mim.py's (mim.train). Read next:
 """
 import contextlib
 import io
-import json
 import os
 import sys
 from collections import OrderedDict
@@ -510,13 +509,9 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
         return metrics
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    mim.agree(run.acquire() if master else None, master)
-    loop = run.resume(identity, raw_model, optimizer, master)
-    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
-        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
-        return json.load(open(run.file("summary.json")))["coco_eval"]
-    if loop["step"]:
-        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    if done:
+        return done["coco_eval"]
     if master:
         mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],

@@ -16,7 +16,6 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
 and world-size invariance work as in mim.py, whose plumbing we import. Read next: analyze.py.
 """
-import json
 import os
 import sys
 
@@ -313,14 +312,9 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
         return dict(top1=top1, top5=top5)
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    mim.agree(run.acquire() if master else None, master)
-    loop = run.resume(identity, raw_model, optimizer, master)
-    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
-        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
-        summary = json.load(open(run.file("summary.json")))
-        return dict(top1=summary["last_top1"], top5=summary["last_top5"])
-    if loop["step"]:
-        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    if done:
+        return dict(top1=done["last_top1"], top5=done["last_top5"])
     if master:
         mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],

@@ -516,6 +516,19 @@ class RunDir:
             self.lock.close()  # closing the file releases the lock
             self.lock = None
 
+    def start(self, identity, raw_model, optimizer, master, iters):
+        """Every script's way in (every rank): take the lock (all ranks stop if rank 0 cannot), resume, say
+        where the run stands. Returns (loop state, summary): summary is the finished run's summary.json, so
+        rerunning a complete run only says so, else None."""
+        agree(self.acquire() if master else None, master)
+        loop = self.resume(identity, raw_model, optimizer, master)
+        if loop["step"] == iters and os.path.exists(self.file("summary.json")):
+            print0(f"this run is complete (step {iters}): {self.file('summary.json')}")
+            return loop, json.load(open(self.file("summary.json")))
+        if loop["step"]:
+            print0(f"resumed from {self.ckpt} at step {loop['step']}")
+        return loop, None
+
     def resume(self, identity, raw_model, optimizer, master):
         """Continue from ckpt.pt if there is one (every rank): refuse another run's checkpoint, restore the
         weights, the optimizer and the loop's state, cut log.jsonl back to the checkpoint's step. Returns
@@ -866,13 +879,9 @@ def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
         return val_loss
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    agree(run.acquire() if master else None, master)
-    loop = run.resume(identity, raw_model, optimizer, master)
-    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
-        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
-        return json.load(open(run.file("summary.json")))["val_loss"]
-    if loop["step"]:
-        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    if done:
+        return done["val_loss"]
     if master:
         data.write_manifest(run.file("subset.txt"), train_set.names, subset)
         save_json(run.file("args.json"), dict(vars(args), identity=identity, world_size=world, micro_batch=r["micro_batch"],

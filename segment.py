@@ -15,7 +15,6 @@ Data: an ADEChallengeData2016 folder as released, or data.py's synthetic images 
 their shapes (so it runs on a CPU with no download). Read next: analyze.py.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -646,13 +645,9 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
         return metrics
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    mim.agree(run.acquire() if master else None, master)
-    loop = run.resume(identity, raw_model, optimizer, master)
-    if loop["step"] == r["iters"] and os.path.exists(run.file("summary.json")):
-        print0(f"this run is complete (step {r['iters']}): {run.file('summary.json')}")
-        return json.load(open(run.file("summary.json")))["metrics"]
-    if loop["step"]:
-        print0(f"resumed from {run.ckpt} at step {loop['step']}")
+    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    if done:
+        return done["metrics"]
     if master:
         mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"], iters=r["iters"],
