@@ -539,11 +539,11 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
     if not master:
         return {}
     rows = [row for _, row in run.rows()]
-    evals, last = [row for row in rows if "box_ap" in row], [row for row in rows if "train_loss" in row][-1]
+    evals = [row for row in rows if "box_ap" in row]
     coco = {k: evals[-1][k] for k in evals[-1] if k.startswith(("box_", "mask_"))}
     summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
                    metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]), coco_eval=coco,
-                   skipped_steps=last["skipped_steps"], bad_images=last["bad_images"], bad_files=last["bad_files"])
+                   **run.counters())
     mim.save_json(run.file("summary.json"), summary)
     return coco
 

@@ -352,11 +352,10 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
     if not master:
         return {}
     rows = [row for _, row in run.rows()]
-    evals, last = [row for row in rows if "top1" in row], [row for row in rows if "train_loss" in row][-1]
+    evals = [row for row in rows if "top1" in row]
     summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
                    best_top1=max(row["top1"] for row in evals), best_top5=max(row["top5"] for row in evals),
-                   last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"], skipped_steps=last["skipped_steps"],
-                   bad_images=last["bad_images"], bad_files=last["bad_files"])
+                   last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"], **run.counters())
     mim.save_json(run.file("summary.json"), summary)
     return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 

@@ -562,6 +562,13 @@ class RunDir:
                     break
         return rows
 
+
+    def counters(self):
+        """What every summary.json reports besides its results, from the log's last training row: steps
+        skipped as non-finite, unreadable images (occurrences) and files (distinct)."""
+        last = [row for _, row in self.rows() if "train_loss" in row][-1]
+        return {k: last[k] for k in ("skipped_steps", "bad_images", "bad_files")}
+
     def cut_log(self, step):
         """Keep the rows of steps <= step, byte for byte."""
         keep = "".join(line for line, row in self.rows() if row["step"] <= step)
@@ -922,8 +929,7 @@ def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
     last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
     summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
                    iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
-                   train_loss=last("train_loss"), val_loss=last("val_loss"), skipped_steps=last("skipped_steps"),
-                   bad_images=last("bad_images"), bad_files=last("bad_files"))
+                   train_loss=last("train_loss"), val_loss=last("val_loss"), **run.counters())
     save_json(run.file("summary.json"), summary)
     return summary["val_loss"]
 

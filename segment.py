@@ -677,10 +677,10 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
     if not master:
         return {}
     rows = [row for _, row in run.rows()]
-    evals, last = [row for row in rows if "miou" in row], [row for row in rows if "train_loss" in row][-1]
+    evals = [row for row in rows if "miou" in row]
     summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data, pretrained=pretrained,
                    metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]), val_images=len(val_stream),
-                   skipped_steps=last["skipped_steps"], bad_images=last["bad_images"], bad_files=last["bad_files"])
+                   **run.counters())
     mim.save_json(run.file("summary.json"), summary)
     return summary["metrics"]
 
