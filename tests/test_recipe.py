@@ -66,8 +66,15 @@ FINETUNING = dict(
 
 
 def same(got, want):
-    """Numbers (alone, in tuples or dicts) to 1e-9 relative: 4e-4 is 1e-4 * 2048 / 512 up to rounding."""
-    return got == want if isinstance(want, str) else got == pytest.approx(want, rel=1e-9)
+    """Numbers (alone, in tuples or dicts) to 1e-9 relative: 4e-4 is 1e-4 * 2048 / 512 up to rounding; strings
+    exactly (pytest.approx refuses strings, also inside a tuple, since pytest 8.4)."""
+    if isinstance(want, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(want) and all(map(same, got, want))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+    if isinstance(want, (str, bool)) or want is None:
+        return got == want
+    return got == pytest.approx(want, rel=1e-9)
 
 
 def tiny_run_checkpoint(script, argv, out):
