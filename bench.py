@@ -40,6 +40,7 @@ import data
 import finetune
 import mim
 import swinv2
+import train
 
 
 def get_parser():
@@ -146,9 +147,9 @@ def interleaved(steps, args, device):
 
 def simmim_parts(encoder, device):
     """SimMIM with the paper's target (47 px local normalisation) and AdamW, as mim.main builds them:
-    weight-decay groups from mim.param_groups, mim.adamw (fused, which skips non-finite steps on the device)."""
+    weight-decay groups from train.param_groups, train.adamw (fused, which skips non-finite steps on the device)."""
     model = mim.SimMIM(encoder, mim.RECIPES["paper"]["norm_target"]).to(device).train()
-    opt = mim.adamw(mim.param_groups(model, 0.05), 1e-4)
+    opt = train.adamw(train.param_groups(model, 0.05), 1e-4)
     return model, opt
 
 
@@ -161,7 +162,7 @@ def simmim_batch(cfg, b, device, seed=0):
 
 def train_step(model, opt, ctx, compile_backend=None):
     """step(x, mask) -> (loss, grad norm): mim.py's step on one micro-batch: the masked forward and the
-    loss under autocast, backward, then mim.optimizer_step (clip at 5.0, skip a non-finite step, AdamW).
+    loss under autocast, backward, then train.optimizer_step (clip at 5.0, skip a non-finite step, AdamW).
     Left out: loading the batch and building its masks (the data pipeline is measured on its own)."""
     run = torch.compile(model, backend=compile_backend) if compile_backend else model
 
@@ -169,7 +170,7 @@ def train_step(model, opt, ctx, compile_backend=None):
         with ctx:
             loss = run(x, mask)
         loss.backward()
-        _, grad_norm = mim.optimizer_step(model, opt, 5.0)
+        _, grad_norm = train.optimizer_step(model, opt, 5.0)
         return loss.detach(), grad_norm
     return step
 
@@ -501,7 +502,7 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
     g = torch.Generator().manual_seed(0)
     bad, losses = 0, []
     for s in range(tiny_steps):
-        lr = mim.get_lr(s, recipe["lr"] * B / 512, 5e-7 * B / 512, tiny_steps // 10, tiny_steps, tiny_steps * 7 // 8)
+        lr = train.get_lr(s, recipe["lr"] * B / 512, 5e-7 * B / 512, tiny_steps // 10, tiny_steps, tiny_steps * 7 // 8)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         idx = torch.randint(n, (B,), generator=g).to(device)
@@ -515,14 +516,14 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
 
 def finetune_report(name, img_size, window, b, device, ctx, plan):
     """img/s and peak memory of finetune.py's step (mixup/cutmix, soft-target cross-entropy, layer-decay
-    AdamW groups, mim.optimizer_step) at img_size / window over the pre-training windows, micro-batch b
+    AdamW groups, train.optimizer_step) at img_size / window over the pre-training windows, micro-batch b
     halved until it fits."""
     free(device)
     pretrained_windows = swinv2.SwinV2Config(**swinv2.PRESETS[name]).window_sizes  # e.g. 12,12,12,6
     with torch.device(device):
         model = swinv2.create(name, img_size=img_size, window_size=window, pretrained_window_sizes=pretrained_windows,
                               num_classes=1000, drop_path_rate=0.1)
-    opt = mim.adamw(finetune.param_groups(model, 0.05, 0.75), 1e-4)
+    opt = train.adamw(finetune.param_groups(model, 0.05, 0.75), 1e-4)
     mix = finetune.make_mixer(0.8, 1.0, 0.1, 1000)
 
     def step(x, labels):
@@ -531,7 +532,7 @@ def finetune_report(name, img_size, window, b, device, ctx, plan):
             logits = model(x)
         loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # finetune.main's loss
         loss.backward()
-        mim.optimizer_step(model, opt, 5.0)
+        train.optimizer_step(model, opt, 5.0)
 
     while b >= 1:
         free(device)
@@ -617,7 +618,7 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
     json_path and its .md after every phase. Returns the results dict."""
     start = time.perf_counter()
     left = lambda: budget - (time.perf_counter() - start)
-    ctx = mim.autocast(device, mim.amp_dtype(device, dtype))
+    ctx = train.autocast(device, train.amp_dtype(device, dtype))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as mim.main
     peak, peak_line = peak_tflops(device)
@@ -630,8 +631,8 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
     def save():
         R["elapsed_s"] = time.perf_counter() - start
         md = markdown(R)
-        mim.save_json(json_path, R)
-        mim.atomic_write(os.path.splitext(json_path)[0] + ".md", lambda f: f.write(md.encode()))
+        train.save_json(json_path, R)
+        train.atomic_write(os.path.splitext(json_path)[0] + ".md", lambda f: f.write(md.encode()))
         return md
 
     def phase(name, need, fn):
@@ -698,7 +699,7 @@ def main(argv=None):
             return None
         return gpu_report(torch.device("cuda"), budget=args.budget, json_path=args.json, dtype=args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = mim.autocast(device, mim.amp_dtype(device, args.dtype))
+    ctx = train.autocast(device, train.amp_dtype(device, args.dtype))
     torch.manual_seed(0)
     encoder = build_encoder(args)
     cfg = encoder.cfg

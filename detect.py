@@ -20,7 +20,7 @@ What this file teaches, in reading order:
 Inputs are fixed squares, so every stage map tiles with its window: training images are jittered, then
 cropped or padded to the square; evaluation images are resized (longer side to the square) and padded, by
 torchvision's own GeneralizedRCNNTransform, which also maps the predictions back to the original image.
-The training loop, run directory and resume are mim.py's (mim.train). Read next: analyze.py.
+The training loop, run directory and resume are train.py's (train.loop). Read next: analyze.py.
 """
 import contextlib
 import io
@@ -48,107 +48,9 @@ from tqdm import tqdm
 
 import data
 import finetune
-import mim
 import swinv2
-from mim import print0
-
-# -----------------------------------------------------------------------------
-# command line
-
-
-def get_parser():
-    p = mim.Parser(prog="detect.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
-    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--img_size", type=mim.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
-    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
-    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=mim.count, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
-    g.add_argument("--rois", type=mim.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
-    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
-    g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
-    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
-    g.add_argument("--jitter", type=mim.positive, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
-    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=mim.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
-    g.add_argument("--milestones", type=mim.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 2.5)")
-    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25)")
-    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
-    g.add_argument("--micro_batch", type=mim.count, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=mim.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
-    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
-    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
-    g.add_argument("--clip_grad", type=mim.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
-    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
-    g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=mim.natural, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
-    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (cpu 10)")
-    g.add_argument("--save_every", type=mim.count, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
-    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
-    return p
-
-
-# The flags a preset decides: downstream.md's COCO recipe for S..g; for nano and tiny a CPU-minutes recipe on
-# the 96 px synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and
-# fewer sampled RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (after one epoch, 250 steps,
-# box AP was 4-5 and no detection scored above 0.5).
-RECIPES = {
-    "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
-                  milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
-    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
-                milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
-}
-FREE = mim.FREE | {"val_images"}  # the evaluation subset is a measurement choice, not part of training
-
-
-def resolve(args, world_size):
-    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
-    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
-    r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
-    if list(r["milestones"]) != sorted(r["milestones"]) or not all(m <= r["epochs"] for m in r["milestones"]):
-        raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
-    if r["jitter"][0] > r["jitter"][1]:
-        raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g}: MIN is larger than MAX")
-    B = r["batch_size"]
-    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
-    r["peak_lr"] = r["lr"] * B / 16  # linear scaling rule; the detection recipes give the LR at batch 16
-    r["task"] = "synthetic" if args.data == "synthetic" or args.data.startswith("synthetic:") else "coco"
-    r["out_dir"] = args.out_dir or f"out/det_{r['task']}_{args.model}_{finetune.pretrained_name(args.pretrained)}"
-    mim.check_out_dir(r["out_dir"])
-    try:  # checks that the windows tile every stage's map of the square input
-        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
-    except ValueError as e:
-        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
-    r.update(clip_grad=args.clip_grad, seed=args.seed)
-    return r
-
-
-def steps(r, n_train, eval_every):
-    """Epochs become steps on data.py's stream (n_train // batch per epoch); evaluation every `eval_every`
-    epochs, or only at the end (0)."""
-    if r["batch_size"] > n_train:
-        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
-    spe = n_train // r["batch_size"]
-    r.update(epoch_steps=spe, iters=r["epochs"] * spe)
-    r["eval_every"] = eval_every * spe or r["iters"]
-    return r
-
-
-def get_lr(step, r):
-    """LR of step `step` (the 3x schedule): linear warmup from 0.001 x peak over warmup_iters (detectron2's
-    default), then the peak, x0.1 after each milestone epoch."""
-    if step < r["warmup_iters"]:
-        return r["peak_lr"] * (0.001 + 0.999 * step / r["warmup_iters"])
-    return r["peak_lr"] * 0.1 ** sum(step >= m * r["epoch_steps"] for m in r["milestones"])
-
+import train
+from train import print0
 
 # -----------------------------------------------------------------------------
 # the detector: SwinV2 pyramid -> FPN -> torchvision's Mask R-CNN
@@ -165,7 +67,7 @@ class SwinFPN(nn.Module):
         self.encoder, self.out_channels = encoder, channels
         dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
         self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool())
-        self.autocast = contextlib.nullcontext()  # detect() sets mim.autocast(...): bf16 on GPUs
+        self.autocast = contextlib.nullcontext()  # detect() sets train.autocast(...): bf16 on GPUs
 
     def forward(self, x):
         # Mixed precision stops here: the heads after it decode boxes from anchors and regress towards the
@@ -312,7 +214,7 @@ class PairStream(data.TrainStream):
     """data.TrainStream for (image, target) pairs: stream position p is image perm_e[p % n] of pass e = p // n,
     with its jitter, crop and flip seeded by (seed, p), so step s gets the same global batch for any world size
     or accumulation and a resumed run continues exactly; an unreadable image is replaced by the next position's
-    (mim.train names and counts it). Items: (uint8 image (3, S, S), target of plain tensors, p, files skipped)."""
+    (train.loop names and counts it). Items: (uint8 image (3, S, S), target of plain tensors, p, files skipped)."""
 
     def __init__(self, instances: Instances, transform, seed):
         super().__init__(instances, np.arange(len(instances)), transform, seed)
@@ -346,7 +248,7 @@ class EvalImages(torch.utils.data.Dataset):
 
 def collate(batch):
     """Images and targets stay lists (Mask R-CNN takes lists; evaluation images differ in size); the rest
-    (image ids; stream positions and skipped files, which mim.train reads) become tensors."""
+    (image ids; stream positions and skipped files, which train.loop reads) become tensors."""
     images, *rest = zip(*batch)
     return (list(images), *(list(x) if isinstance(x[0], dict) else torch.tensor(x) for x in rest))
 
@@ -439,8 +341,105 @@ def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=
         tiles.append(v2.functional.pad(drawn, [0, 0, size - drawn.shape[2], size - drawn.shape[1]]))
     model.train()
     grid = torchvision.utils.make_grid(tiles, nrow=len(tiles), padding=4)
-    mim.atomic_write(path, lambda f: f.write(torchvision.io.encode_png(grid).numpy().tobytes()))
+    train.atomic_write(path, lambda f: f.write(torchvision.io.encode_png(grid).numpy().tobytes()))
 
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def get_parser():
+    p = train.Parser(prog="detect.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
+    g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
+    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--rois", type=train.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
+    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
+    g.add_argument("--jitter", type=train.positive, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
+    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=train.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
+    g.add_argument("--milestones", type=train.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 2.5)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25)")
+    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
+    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
+    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
+    g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
+    g.add_argument("--seed", type=train.natural, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--eval_every", type=train.natural, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
+    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (cpu 10)")
+    g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    return p
+
+
+# The flags a preset decides: downstream.md's COCO recipe for S..g; for nano and tiny a CPU-minutes recipe on
+# the 96 px synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and
+# fewer sampled RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (after one epoch, 250 steps,
+# box AP was 4-5 and no detection scored above 0.5).
+RECIPES = {
+    "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
+                  milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
+    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
+                milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
+}
+FREE = train.FREE | {"val_images"}  # the evaluation subset is a measurement choice, not part of training
+
+
+def resolve(args, world_size):
+    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
+    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
+    r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
+    if list(r["milestones"]) != sorted(r["milestones"]) or not all(m <= r["epochs"] for m in r["milestones"]):
+        raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
+    if r["jitter"][0] > r["jitter"][1]:
+        raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g}: MIN is larger than MAX")
+    B = r["batch_size"]
+    r["micro_batch"], r["accum"] = train.batch_split(B, args.micro_batch, world_size)
+    r["peak_lr"] = r["lr"] * B / 16  # linear scaling rule; the detection recipes give the LR at batch 16
+    r["task"] = "synthetic" if args.data == "synthetic" or args.data.startswith("synthetic:") else "coco"
+    r["out_dir"] = args.out_dir or f"out/det_{r['task']}_{args.model}_{finetune.pretrained_name(args.pretrained)}"
+    train.check_out_dir(r["out_dir"])
+    try:  # checks that the windows tile every stage's map of the square input
+        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
+    except ValueError as e:
+        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
+    r.update(clip_grad=args.clip_grad, seed=args.seed)
+    return r
+
+
+def steps(r, n_train, eval_every):
+    """Epochs become steps on data.py's stream (n_train // batch per epoch); evaluation every `eval_every`
+    epochs, or only at the end (0)."""
+    if r["batch_size"] > n_train:
+        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
+    spe = n_train // r["batch_size"]
+    r.update(epoch_steps=spe, iters=r["epochs"] * spe)
+    r["eval_every"] = eval_every * spe or r["iters"]
+    return r
+
+
+def get_lr(step, r):
+    """LR of step `step` (the 3x schedule): linear warmup from 0.001 x peak over warmup_iters (detectron2's
+    default), then the peak, x0.1 after each milestone epoch."""
+    if step < r["warmup_iters"]:
+        return r["peak_lr"] * (0.001 + 0.999 * step / r["warmup_iters"])
+    return r["peak_lr"] * 0.1 ** sum(step >= m * r["epoch_steps"] for m in r["milestones"])
 
 # -----------------------------------------------------------------------------
 # the script
@@ -453,20 +452,20 @@ def main(argv=None):
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         ckpt, pretrained = finetune.read_pretrained(args.pretrained)
         train_set, val_set = open_coco(args.data, "train"), open_coco(args.data, "val")
-        train = Instances(train_set)
-        if sorted(val_set.coco.getCatIds()) != train.cat_ids:
+        instances = Instances(train_set)
+        if sorted(val_set.coco.getCatIds()) != instances.cat_ids:
             raise ValueError(f"--data {args.data}: the validation categories are not the training categories")
-        steps(r, len(train), args.eval_every)
-        model, missing = build_model(args, r, ckpt, len(train.cat_ids))
+        steps(r, len(instances), args.eval_every)
+        model, missing = build_model(args, r, ckpt, len(instances.cat_ids))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return mim.launch(r["out_dir"], detect, args, r, model, missing, pretrained, train, val_set)
+    return train.launch(r["out_dir"], detect, args, r, model, missing, pretrained, instances, val_set)
 
 
-def detect(args, r, model, missing, pretrained, train, val_set, run, device, rank, world):
-    master, K, N, B = rank == 0, len(train.cat_ids), len(train), r["batch_size"]
-    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
+def detect(args, r, model, missing, pretrained, instances, val_set, run, device, rank, world):
+    master, K, N, B = rank == 0, len(instances.cat_ids), len(instances), r["batch_size"]
+    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
     p = pretrained
     print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
            f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
@@ -487,43 +486,43 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
     # ---- optimizer: layer-wise decay over the encoder, the full LR for everything new
     model = raw_model = model.to(device)
     raw_model.backbone.autocast = ctx  # mixed precision in the encoder and FPN only (SwinFPN.forward)
-    optimizer = mim.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
+    optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
     print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M encoder, "
            f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all")
     origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
+    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     def coco_eval(step):  # every rank; rank 0 draws
-        metrics = evaluate(raw_model, val_loader, val_set.coco, train.cat_ids, device)
+        metrics = evaluate(raw_model, val_loader, val_set.coco, instances.cat_ids, device)
         if master:
             pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
             tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} on {len(val_idx)} images")
-            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train.names, device)
+            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, instances.names, device)
         return dict(epoch=step / r["epoch_steps"], **metrics)
 
     if args.eval_only:  # a measurement of the run directory's checkpoint: no lock, nothing written but eval.json
-        ckpt = mim.load_for_eval(run.ckpt, raw_model, raw_model.backbone.encoder, args.model, master, classes=K)
+        ckpt = train.load_for_eval(run.ckpt, raw_model, raw_model.backbone.encoder, args.model, master, classes=K)
         metrics = coco_eval(ckpt["step"])
         if master:
-            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
+            train.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
         return metrics
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
     if done:
         return done["coco_eval"]
     if master:
-        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
-                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=train.names,
+                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=instances.names,
                                                   torch=str(torch.__version__)))
 
-    # ---- the loop (mim.train): the five Mask R-CNN losses are the terms of each log row
-    stream = PairStream(train, train_transform(r["img_size"], r["jitter"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
+    # ---- the loop (train.loop): the five Mask R-CNN losses are the terms of each log row
+    stream = PairStream(instances, train_transform(r["img_size"], r["jitter"]), args.seed)
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
     if world > 1:
-        model = mim.ddp(model, device)
+        model = train.ddp(model, device)
 
     def loss_fn(batch):
         images, targets = model_input(batch[0], device), [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
@@ -532,8 +531,8 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
 
     meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained,
                                 model_config=swinv2.model_config(raw_model.backbone.encoder))
-    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: scale * get_lr(step, r),
-              coco_eval, meta, loop, device)
+    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
+               loss_fn=loss_fn, lr_at=lambda step, scale: scale * get_lr(step, r), evaluate=coco_eval, meta=meta)
 
     # ---- the summary, from the log: the last evaluation (detection reports the final model)
     if not master:
@@ -544,7 +543,7 @@ def detect(args, r, model, missing, pretrained, train, val_set, run, device, ran
     summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
                    metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]), coco_eval=coco,
                    **run.counters())
-    mim.save_json(run.file("summary.json"), summary)
+    train.save_json(run.file("summary.json"), summary)
     return coco
 
 

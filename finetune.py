@@ -14,7 +14,7 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
     python finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k --eval_only
 
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
-and world-size invariance work as in mim.py, whose plumbing we import. Read next: analyze.py.
+and world-size invariance work as in mim.py: the plumbing is train.py's. Read next: analyze.py.
 """
 import os
 import sys
@@ -26,106 +26,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import data
-import mim
 import swinv2
-from mim import print0
-
-# -----------------------------------------------------------------------------
-# command line
-
-
-def get_parser():
-    p = mim.Parser(prog="finetune.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for classification")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
-    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--img_size", type=mim.count, default=None, help="input pixels; default 224 (official; tiny 64)")
-    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 14 (official; tiny 4)")
-    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
-    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
-    g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, iNaturalist's "
-                   "train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
-    g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split of --data")
-    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
-    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1), e.g. in1k; "
-                   "default: inat18 for iNaturalist 2018 (the IN-1K recipe with an 8,142-way head: no SwinV2/SimMIM iNat18 "
-                   "recipe is published), else the basename of --data")
-    g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper (tiny light)")
-    g.add_argument("--mixup", type=mim.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
-    g.add_argument("--cutmix", type=mim.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
-    g.add_argument("--smoothing", type=mim.number(float, 0, 1, hi_open=True), default=0.1, help="label smoothing (official 0.1)")
-    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=mim.count, default=None, help="training epochs; default 100 (official; tiny 3)")
-    g.add_argument("--warmup_epochs", type=mim.natural, default=None, help="linear warmup epochs; default 20 (official; tiny 1)")
-    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in images; default 2048 (paper; tiny 32)")
-    g.add_argument("--micro_batch", type=mim.count, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=mim.positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1.25e-3 (official; tiny 3.2e-2)")
-    g.add_argument("--warmup_lr", type=mim.non_negative, default=2.5e-7, help="LR at step 0 per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--min_lr", type=mim.non_negative, default=2.5e-7, help="final LR per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
-    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (official 0.05)")
-    g.add_argument("--clip_grad", type=mim.non_negative, default=5.0, help="max gradient norm, 0 = no clipping (official 5.0)")
-    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the head, data order, augmentation, mixing, drop path")
-    g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/ft_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (tiny 10); evaluation and checkpoints come once per epoch")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one with a head), write eval.json")
-    return p
-
-
-# The flags a preset decides: the official SwinV2 fine-tuning recipe for S..g, a CPU-minute recipe for
-# nano and tiny on the synthetic set (a short, plain fine-tune that still tells pre-trainings apart).
-RECIPES = {
-    "paper": dict(epochs=100, warmup_epochs=20, batch_size=2048, lr=1.25e-3, img_size=224, window=14, aug="paper",
-                  mixup=0.8, cutmix=1.0, layer_decay=0.75, log_every=50),
-    # A 2M-parameter model sees ~200 steps: the ImageNet augmentation (crops down to 8 % of the image,
-    # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns nothing
-    # (12-15 % top-1, chance 10 %). Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the
-    # LR: after a 600-step pre-training, 4 epochs reach 24 % with it and 32 % without it (one seed).
-    "cpu": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
-                 mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
-}
-FREE = mim.FREE | {"val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
-
-
-def resolve(args, world_size):
-    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
-    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
-    r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    if r["warmup_epochs"] > r["epochs"]:
-        raise ValueError(f"--warmup_epochs {r['warmup_epochs']} is longer than --epochs {r['epochs']}")
-    B = r["batch_size"]
-    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
-    # linear scaling rule: all three LRs are given per 512 images, as in the official code
-    r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
-    name = args.data.rstrip("/")
-    inat18 = os.path.basename(name) in ("train2018.json", "val2018.json") or os.path.isfile(os.path.join(name, "train2018.json"))
-    r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else "inat18" if inat18 else
-                              os.path.splitext(os.path.basename(name))[0])
-    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{pretrained_name(args.pretrained)}"
-    mim.check_out_dir(r["out_dir"])
-    try:  # checks that the windows tile every stage's feature map
-        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
-    except ValueError as e:
-        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
-    r.update(clip_grad=args.clip_grad, seed=args.seed)
-    return r
-
-
-def steps(r, n_train):
-    """Epochs become steps on data.py's stream: an epoch is n_train // batch steps (the last partial batch
-    is dropped, as the official loader does). Evaluation and checkpoints come at the end of each epoch."""
-    if r["batch_size"] > n_train:
-        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
-    spe = n_train // r["batch_size"]
-    r.update(epoch_steps=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe, eval_every=spe, save_every=spe)
-    return r
-
+import train
+from train import print0
 
 # -----------------------------------------------------------------------------
 # the pieces: pre-trained weights, layer-wise LR decay, mixing, evaluation
@@ -157,7 +60,7 @@ def read_pretrained(path):
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained {path} does not exist (want a ckpt.pt, a mim.py run directory or 'none')")
-    ckpt = mim.load_checkpoint(path)  # weights_only: a checkpoint cannot run code; ValueError names what is wrong
+    ckpt = train.load_checkpoint(path)  # weights_only: a checkpoint cannot run code; ValueError names what is wrong
     info["path"] = os.path.abspath(path)
     if "identity" in ckpt:  # a mim.py checkpoint: its run is known
         run_dir, run = os.path.dirname(info["path"]), ckpt["identity"]
@@ -202,7 +105,7 @@ def param_groups(model, weight_decay, layer_decay):
     layers, whose general features pre-training already made good, move least. No weight decay on 1-D
     parameters, biases, logit_scale and cpb_mlp (fine-tuning's keywords; pre-training decays the last two)."""
     L = sum(model.cfg.depths)
-    return mim.param_groups(model, weight_decay, skip=("cpb_mlp", "logit_scale"),
+    return train.param_groups(model, weight_decay, skip=("cpb_mlp", "logit_scale"),
                             layer_scale=lambda name: layer_decay ** (L + 1 - model.layer_id(name)))
 
 
@@ -210,7 +113,7 @@ def group_lr(step, scale, r):
     """LR of the group with layer scale `scale` at `step`. Only the peak is scaled, as in the official code
     (its timm scheduler ignores lr_scale): linear warmup from start_lr to peak_lr*scale, then a cosine
     from peak_lr*scale down to min_lr; start_lr and min_lr are the same for every layer."""
-    return mim.get_lr(step, r["peak_lr"] * scale, r["start_lr"], r["warmup_iters"], r["iters"], min_lr=r["min_lr"], schedule="cosine")
+    return train.get_lr(step, r["peak_lr"] * scale, r["start_lr"], r["warmup_iters"], r["iters"], min_lr=r["min_lr"], schedule="cosine")
 
 
 def make_mixer(mixup, cutmix, smoothing, num_classes):
@@ -240,9 +143,105 @@ def evaluate(model, loader, device, ctx):
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu() == y[:, None]  # (B, 5)
         c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(y)
     model.train()
-    c1, c5, n = mim.all_sum(c1, c5, n, device=device)
+    c1, c5, n = train.all_sum(c1, c5, n, device=device)
     return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n)
 
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def get_parser():
+    p = train.Parser(prog="finetune.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for classification")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--img_size", type=train.count, default=None, help="input pixels; default 224 (official; tiny 64)")
+    g.add_argument("--window", type=train.count, default=None, help="attention window; default 14 (official; tiny 4)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, iNaturalist's "
+                   "train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
+    g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split of --data")
+    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
+    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1), e.g. in1k; "
+                   "default: inat18 for iNaturalist 2018 (the IN-1K recipe with an 8,142-way head: no SwinV2/SimMIM iNat18 "
+                   "recipe is published), else the basename of --data")
+    g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper (tiny light)")
+    g.add_argument("--mixup", type=train.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
+    g.add_argument("--cutmix", type=train.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
+    g.add_argument("--smoothing", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="label smoothing (official 0.1)")
+    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=train.count, default=None, help="training epochs; default 100 (official; tiny 3)")
+    g.add_argument("--warmup_epochs", type=train.natural, default=None, help="linear warmup epochs; default 20 (official; tiny 1)")
+    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 2048 (paper; tiny 32)")
+    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1.25e-3 (official; tiny 3.2e-2)")
+    g.add_argument("--warmup_lr", type=train.non_negative, default=2.5e-7, help="LR at step 0 per 512 images, the same for every layer (official 2.5e-7)")
+    g.add_argument("--min_lr", type=train.non_negative, default=2.5e-7, help="final LR per 512 images, the same for every layer (official 2.5e-7)")
+    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
+    g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (official 0.05)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=5.0, help="max gradient norm, 0 = no clipping (official 5.0)")
+    g.add_argument("--seed", type=train.natural, default=0, help="seed of the head, data order, augmentation, mixing, drop path")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default=None, help="run directory; default out/ft_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (tiny 10); evaluation and checkpoints come once per epoch")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one with a head), write eval.json")
+    return p
+
+
+# The flags a preset decides: the official SwinV2 fine-tuning recipe for S..g, a CPU-minute recipe for
+# nano and tiny on the synthetic set (a short, plain fine-tune that still tells pre-trainings apart).
+RECIPES = {
+    "paper": dict(epochs=100, warmup_epochs=20, batch_size=2048, lr=1.25e-3, img_size=224, window=14, aug="paper",
+                  mixup=0.8, cutmix=1.0, layer_decay=0.75, log_every=50),
+    # A 2M-parameter model sees ~200 steps: the ImageNet augmentation (crops down to 8 % of the image,
+    # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns nothing
+    # (12-15 % top-1, chance 10 %). Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the
+    # LR: after a 600-step pre-training, 4 epochs reach 24 % with it and 32 % without it (one seed).
+    "cpu": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
+                 mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
+}
+FREE = train.FREE | {"val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
+
+
+def resolve(args, world_size):
+    """Check the flags together and derive the run's numbers in one visible place; args is never modified.
+    Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
+    if r["warmup_epochs"] > r["epochs"]:
+        raise ValueError(f"--warmup_epochs {r['warmup_epochs']} is longer than --epochs {r['epochs']}")
+    B = r["batch_size"]
+    r["micro_batch"], r["accum"] = train.batch_split(B, args.micro_batch, world_size)
+    # linear scaling rule: all three LRs are given per 512 images, as in the official code
+    r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
+    name = args.data.rstrip("/")
+    inat18 = os.path.basename(name) in ("train2018.json", "val2018.json") or os.path.isfile(os.path.join(name, "train2018.json"))
+    r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else "inat18" if inat18 else
+                              os.path.splitext(os.path.basename(name))[0])
+    r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{pretrained_name(args.pretrained)}"
+    train.check_out_dir(r["out_dir"])
+    try:  # checks that the windows tile every stage's feature map
+        swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["img_size"], window_size=r["window"]))
+    except ValueError as e:
+        raise ValueError(f"--img_size {r['img_size']} / --window {r['window']}: {e}") from None
+    r.update(clip_grad=args.clip_grad, seed=args.seed)
+    return r
+
+
+def steps(r, n_train):
+    """Epochs become steps on data.py's stream: an epoch is n_train // batch steps (the last partial batch
+    is dropped, as the official loader does). Evaluation and checkpoints come at the end of each epoch."""
+    if r["batch_size"] > n_train:
+        raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
+    spe = n_train // r["batch_size"]
+    r.update(epoch_steps=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe, eval_every=spe, save_every=spe)
+    return r
 
 # -----------------------------------------------------------------------------
 # the script
@@ -254,7 +253,7 @@ def main(argv=None):
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         ckpt, pretrained = read_pretrained(args.pretrained)
-        train_set, val_set = mim.open_splits(args.data, args.val_data)
+        train_set, val_set = train.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of --data {args.data}")
@@ -263,12 +262,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return mim.launch(r["out_dir"], finetune, args, r, model, missing, pretrained, train_set, val_set)
+    return train.launch(r["out_dir"], finetune, args, r, model, missing, pretrained, train_set, val_set)
 
 
 def finetune(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
     master, K, N, B = rank == 0, len(train_set.classes), len(train_set), r["batch_size"]
-    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
+    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
     p = pretrained
     print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over pre-trained "
            f"{model.cfg.pretrained_window_sizes}, {K} classes")
@@ -289,47 +288,47 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
     # ---- optimizer; the table shows layer decay at work
     model = raw_model = model.to(device)
     groups = param_groups(model, args.weight_decay, r["layer_decay"])
-    optimizer = mim.adamw(groups, r["peak_lr"])
+    optimizer = train.adamw(groups, r["peak_lr"])
     print0(f"{'layer id':>14} {'LR scale':>9} {'wd':>5} {'tensors':>7}")
     for g in sorted(groups, key=lambda g: (model.layer_id(g["names"][0]), -g["weight_decay"])):
         ids = sorted({model.layer_id(n) for n in g["names"]})  # one id per group, unless layer_decay is 1
         print0(f"{ids[0] if len(ids) == 1 else f'{ids[0]}-{ids[-1]}':>14} {g['lr_scale']:9.2e} {g['weight_decay']:5g} {len(g['params']):7d}")
     origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
+    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     if args.eval_only:  # a measurement: the run directory's checkpoint, else --pretrained's own head
         if os.path.exists(run.ckpt):
-            step = mim.load_for_eval(run.ckpt, raw_model, raw_model, args.model, master, classes=K)["step"]
+            step = train.load_for_eval(run.ckpt, raw_model, raw_model, args.model, master, classes=K)["step"]
         elif missing:
-            mim.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
+            train.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
         else:
             step = 0
         top1, top5, n = evaluate(raw_model, val_loader, device, ctx)
         print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
         if master:
             os.makedirs(run.path, exist_ok=True)
-            mim.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
+            train.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
         return dict(top1=top1, top5=top5)
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
     if done:
         return dict(top1=done["last_top1"], top5=done["last_top5"])
     if master:
-        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
                                                   steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=list(train_set.classes),
                                                   torch=str(torch.__version__)))
 
     # ---- the loop
     stream = data.TrainStream(train_set, np.arange(N), data.finetune_transform(r["img_size"], train=True, aug=r["aug"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
     mix = make_mixer(r["mixup"], r["cutmix"], args.smoothing, K)
     if args.compile:
         model = torch.compile(model)
     if world > 1:
-        model = mim.ddp(model, device)
+        model = train.ddp(model, device)
 
     def loss_fn(batch):
         x, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -345,8 +344,8 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
         return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
 
     meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model))
-    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: group_lr(step, scale, r),
-              accuracy, meta, loop, device)
+    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
+               loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r), evaluate=accuracy, meta=meta)
 
     # ---- the summary, from the log: the best epoch, as the official max_accuracy (and the paper) report, and the last
     if not master:
@@ -356,7 +355,7 @@ def finetune(args, r, model, missing, pretrained, train_set, val_set, run, devic
     summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
                    best_top1=max(row["top1"] for row in evals), best_top5=max(row["top5"] for row in evals),
                    last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"], **run.counters())
-    mim.save_json(run.file("summary.json"), summary)
+    train.save_json(run.file("summary.json"), summary)
     return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 
 if __name__ == "__main__":

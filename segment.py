@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 import data
 import finetune
-import mim
 import swinv2
-from mim import print0
+import train
+from train import print0
 
 IGNORE = 255  # label of pixels that count nowhere: ADE's "other" (0) and the padding of small crops
 EVAL_WINDOWS = 8  # windows per forward in evaluation: a constant, so the scores do not depend on --micro_batch
@@ -409,7 +409,7 @@ def evaluate(model, loader, num_classes, crop, stride, batch, device, ctx):
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()  # (H, W), the logits resized to the original size
         areas, n = areas + intersect_union(pred, y[0], num_classes), n + 1
     model.train()
-    *sums, n = mim.all_sum(*areas.flatten().tolist(), n, device=device)  # float64: exact below 2^53 pixels
+    *sums, n = train.all_sum(*areas.flatten().tolist(), n, device=device)  # float64: exact below 2^53 pixels
     miou, acc = scores(torch.tensor(sums, dtype=torch.float64).view(3, num_classes))
     return miou, acc, int(n)
 
@@ -446,8 +446,34 @@ def save_pictures(path, model, val_stream, num_classes, crop, stride, device, ct
     draw = ImageDraw.Draw(canvas)
     for col, label in enumerate(["image", "true labels", f"predicted, step {step}"]):
         draw.text((col * (rows[0].shape[2] // 3) + 4, 2), label, fill="black")
-    mim.atomic_write(path, lambda f: canvas.save(f, format="png"))
+    train.atomic_write(path, lambda f: canvas.save(f, format="png"))
     model.train()
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer groups, LR
+
+
+def build_model(args, r, ckpt, num_classes):
+    """Segmenter at the crop size and window, its encoder loaded from the checkpoint (see
+    finetune.build_model: the position-bias MLP keeps the pre-training windows as its reference).
+    Only the pyramid norms are new in the encoder; the heads are new. Returns (model, missing keys)."""
+    torch.manual_seed(args.seed)  # the same heads on every rank
+    encoder = swinv2.create(args.model, img_size=r["crop"], window_size=r["window"],
+                            pretrained_window_sizes=finetune.pretrained_windows(ckpt, args.model),
+                            drop_path_rate=r["drop_path"], grad_ckpt=args.grad_ckpt, pyramid=True)
+    missing = swinv2.load_pretrained(encoder, ckpt) if ckpt is not None else []
+    model = Segmenter(encoder, num_classes, r["channels"], r["channels"] // 2)
+    return model, [f"encoder.{k}" for k in missing]
+
+
+def group_lr(step, scale, r):
+    """mmseg's schedule: linear warmup from ~0 (LinearLR, start factor 1e-6) to peak_lr x scale over
+    warmup_iters, then linear decay (PolyLR, power 1) to 0 at iters. Layer decay scales the whole curve."""
+    peak = r["peak_lr"] * scale
+    if step < r["warmup_iters"]:
+        return peak * max(step / r["warmup_iters"], 1e-6)
+    return peak * (1 - (step - r["warmup_iters"]) / (r["iters"] - r["warmup_iters"]))
 
 
 # -----------------------------------------------------------------------------
@@ -466,39 +492,39 @@ def scale_pair(text):
 
 
 def get_parser():
-    p = mim.Parser(prog="segment.py", description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
+    p = train.Parser(prog="segment.py", description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=mim.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--crop", type=mim.count, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
-    g.add_argument("--window", type=mim.count, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
-    g.add_argument("--channels", type=mim.count, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
-    g.add_argument("--drop_path", type=mim.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
+    g.add_argument("--crop", type=train.count, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
+    g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
+    g.add_argument("--channels", type=train.count, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default="data/ADEChallengeData2016", help="an ADEChallengeData2016 folder as released, or 'synthetic[:N]' (the CPU demo)")
     g.add_argument("--scale", type=scale_pair, default=None, help="LONG,SHORT: base size of the random rescale (x 0.5-2) and of the test resize; "
                    "default 2048,512 (mmseg ADE20K; tiny 384,96: the synthetic images are 96 px)")
-    g.add_argument("--stride", type=mim.count, default=None, help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
-    g.add_argument("--val_images", type=mim.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
-    g.add_argument("--workers", type=mim.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--stride", type=train.count, default=None, help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
+    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
+    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=mim.count, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
-    g.add_argument("--warmup_iters", type=mim.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50)")
-    g.add_argument("--batch_size", type=mim.count, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
-    g.add_argument("--micro_batch", type=mim.count, default=None, help="crops per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=mim.positive, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
+    g.add_argument("--iters", type=train.count, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50)")
+    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
+    g.add_argument("--micro_batch", type=train.count, default=None, help="crops per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
                    "default 4e-5 (SwinV2 paper's ADE20K; tiny 4e-3)")
-    g.add_argument("--layer_decay", type=mim.number(float, 0, 1, lo_open=True), default=None,
+    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None,
                    help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper, via downstream.md; tiny 1)")
-    g.add_argument("--weight_decay", type=mim.non_negative, default=0.05, help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
-    g.add_argument("--clip_grad", type=mim.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
-    g.add_argument("--seed", type=mim.natural, default=0, help="seed of the heads, data order, augmentation, drop path")
+    g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
+    g.add_argument("--seed", type=train.natural, default=0, help="seed of the heads, data order, augmentation, drop path")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default=None, help="run directory; default out/seg_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=mim.count, default=None, help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
-    g.add_argument("--log_every", type=mim.count, default=None, help="steps between log lines; default 50 (mmseg; tiny 10)")
-    g.add_argument("--save_every", type=mim.count, default=None, help="steps between checkpoints; default 1000 (tiny 100)")
+    g.add_argument("--eval_every", type=train.count, default=None, help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
+    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (mmseg; tiny 10)")
+    g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (tiny 100)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
@@ -516,7 +542,7 @@ RECIPES = {
     "cpu": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale=(384, 96),
                 channels=64, drop_path=0.1, layer_decay=1.0, eval_every=500, log_every=10, save_every=100),
 }
-FREE = mim.FREE | {"val_images", "stride"}  # how the evaluation looks, not what training computes
+FREE = train.FREE | {"val_images", "stride"}  # how the evaluation looks, not what training computes
 
 
 def resolve(args, world_size):
@@ -530,51 +556,20 @@ def resolve(args, world_size):
     if r["stride"] > r["crop"]:
         raise ValueError(f"--stride {r['stride']} is larger than --crop {r['crop']}: the windows would leave gaps")
     B = r["batch_size"]
-    r["micro_batch"], r["accum"] = mim.batch_split(B, args.micro_batch, world_size)
+    r["micro_batch"], r["accum"] = train.batch_split(B, args.micro_batch, world_size)
     # BatchNorm of the 1x1 pooled map needs 2 values per channel: 2 crops per process, or SyncBN on GPUs
     if r["micro_batch"] * (world_size if torch.cuda.is_available() else 1) < 2:
         raise ValueError(f"--micro_batch {r['micro_batch']}: BatchNorm needs at least 2 crops per process here")
     r["peak_lr"] = r["lr"] * B / 16  # linear scaling from the recipe's batch of 16
     r["task"] = "synthetic" if args.data.startswith("synthetic") else "ade20k"
-    src = args.pretrained.rstrip("/")
-    src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
-    src = src[: -len(".pth")] if src.endswith(".pth") else src
-    r["out_dir"] = args.out_dir or f"out/seg_{r['task']}_{args.model}_{src}"
-    mim.check_out_dir(r["out_dir"])
+    r["out_dir"] = args.out_dir or f"out/seg_{r['task']}_{args.model}_{finetune.pretrained_name(args.pretrained)}"
+    train.check_out_dir(r["out_dir"])
     try:  # the windows must tile every stage's map of a crop
         swinv2.SwinV2Config(**dict(swinv2.PRESETS[args.model], img_size=r["crop"], window_size=r["window"]))
     except ValueError as e:
         raise ValueError(f"--crop {r['crop']} / --window {r['window']}: {e}") from None
     r.update(clip_grad=args.clip_grad, seed=args.seed)
     return r
-
-
-# -----------------------------------------------------------------------------
-# model, optimizer groups, LR
-
-
-def build_model(args, r, ckpt, num_classes):
-    """Segmenter at the crop size and window, its encoder loaded from the checkpoint (see
-    finetune.build_model: the position-bias MLP keeps the pre-training windows as its reference).
-    Only the pyramid norms are new in the encoder; the heads are new. Returns (model, missing keys)."""
-    windows = (0, 0, 0, 0) if ckpt is None else ckpt.get("model_config", {}).get("window_sizes") or \
-        swinv2.SwinV2Config(**swinv2.PRESETS[args.model]).window_sizes
-    torch.manual_seed(args.seed)  # the same heads on every rank
-    encoder = swinv2.create(args.model, img_size=r["crop"], window_size=r["window"], pretrained_window_sizes=tuple(windows),
-                            drop_path_rate=r["drop_path"], grad_ckpt=args.grad_ckpt, pyramid=True)
-    missing = swinv2.load_pretrained(encoder, ckpt) if ckpt is not None else []
-    model = Segmenter(encoder, num_classes, r["channels"], r["channels"] // 2)
-    return model, [f"encoder.{k}" for k in missing]
-
-
-def group_lr(step, scale, r):
-    """mmseg's schedule: linear warmup from ~0 (LinearLR, start factor 1e-6) to peak_lr x scale over
-    warmup_iters, then linear decay (PolyLR, power 1) to 0 at iters. Layer decay scales the whole curve."""
-    peak = r["peak_lr"] * scale
-    if step < r["warmup_iters"]:
-        return peak * max(step / r["warmup_iters"], 1e-6)
-    return peak * (1 - (step - r["warmup_iters"]) / (r["iters"] - r["warmup_iters"]))
-
 
 # -----------------------------------------------------------------------------
 # the script
@@ -591,12 +586,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return mim.launch(r["out_dir"], segment, args, r, model, missing, pretrained, train_set, val_set)
+    return train.launch(r["out_dir"], segment, args, r, model, missing, pretrained, train_set, val_set)
 
 
 def segment(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
     master, K, N, B = rank == 0, train_set.num_classes, len(train_set), r["batch_size"]
-    dtype, ctx, workers = mim.device_setup(device, args.dtype, args.workers)
+    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
     r["epoch_steps"] = N / B  # log rows show epochs, a derived figure
     p = pretrained
     print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
@@ -621,9 +616,9 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = raw_model = model.to(device)
-    optimizer = mim.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
+    optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
     origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = mim.identity_of(args, r, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
+    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     def score(step):
         if world > 1:  # every rank scores with rank 0's BatchNorm statistics, the checkpoint's (SyncBN keeps them equal;
@@ -638,29 +633,29 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
         return dict(miou=miou, pixel_acc=acc, images=n)  # images: as scored over all ranks, each once
 
     if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
-        ckpt = mim.load_for_eval(run.ckpt, raw_model, raw_model.encoder, args.model, master, classes=K)
+        ckpt = train.load_for_eval(run.ckpt, raw_model, raw_model.encoder, args.model, master, classes=K)
         metrics = score(ckpt["step"])
         if master:
-            mim.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
+            train.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
         return metrics
 
     # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    loop, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
     if done:
         return done["metrics"]
     if master:
-        mim.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
+        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"], iters=r["iters"],
                                                   stride=r["stride"], classes=K, torch=str(torch.__version__)))
 
-    # ---- the loop: mim.train, with the segmentation loss and the sliding-window mIoU
+    # ---- the loop: train.loop, with the segmentation loss and the sliding-window mIoU
     stream = data.TrainStream(train_set, np.arange(N), TrainTransform(r["crop"], r["scale"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, loop["step"])
+    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
     if args.compile:
         model = torch.compile(model)
     if world > 1:
-        model = mim.ddp(model, device)
+        model = train.ddp(model, device)
 
     def loss_fn(batch):
         x, y = (t.to(device, non_blocking=True) for t in batch[0])  # (B, 3, crop, crop) normalised, (B, crop, crop)
@@ -670,8 +665,8 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
         return loss, dict(decode_loss=main_term, aux_loss=aux_term)
 
     meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model.encoder))
-    mim.train(run, r, model, raw_model, optimizer, stream, batches, loss_fn, lambda step, scale: group_lr(step, scale, r),
-              score, meta, loop, device)
+    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
+               loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r), evaluate=score, meta=meta)
 
     # ---- the summary, from the log: the last evaluation (the 160K checkpoint is what mmseg reports)
     if not master:
@@ -681,7 +676,7 @@ def segment(args, r, model, missing, pretrained, train_set, val_set, run, device
     summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data, pretrained=pretrained,
                    metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]), val_images=len(val_stream),
                    **run.counters())
-    mim.save_json(run.file("summary.json"), summary)
+    train.save_json(run.file("summary.json"), summary)
     return summary["metrics"]
 
 

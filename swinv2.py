@@ -336,6 +336,9 @@ class SwinV2(nn.Module):
         stage's tokens before its patch merging, through that stage's own LayerNorm (needs pyramid=True).
         Detection and segmentation heads (detect.py, segment.py) read these. Inputs are squares whose every
         stage map tiles with its window (a fixed crop size), so no padding is needed."""
+        if not self.cfg.pyramid:
+            raise ValueError("forward_pyramid needs the per-stage norms: create the model with pyramid=True "
+                             "(swinv2.create(name, pyramid=True))")
         x, maps = self.patch_embed(x), []  # (B, L, C)
         for layer, norm in zip(self.layers, self.pyramid_norms):
             x = layer.forward_blocks(x)  # (B, res*res, C_i)

@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 import data
 import mim
+import train
 from conftest import write_inat18
 
 MEAN, STD = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
@@ -257,10 +258,10 @@ def test_inat18_json_as_released(tmp_path):
         assert isinstance(ds.names, data.Names) and ds.targets.dtype == np.int64  # no per-image Python objects
     val = data.open_dataset(str(tmp_path), "val")
     assert len(val) == 6 and [val.classes[t] for t in val.targets] == [str(i) for i in ids["val"]]
-    train_set, val_set = mim.open_splits(str(tmp_path))  # the folder has its val split: val2018.json
+    train_set, val_set = train.open_splits(str(tmp_path))  # the folder has its val split: val2018.json
     assert (len(train_set), len(val_set)) == (12, 6)
     with pytest.raises(ValueError, match="--val_data"):
-        mim.open_splits(str(tmp_path / "train2018.json"))  # its 'val' would be the training set
+        train.open_splits(str(tmp_path / "train2018.json"))  # its 'val' would be the training set
     d = json.loads((tmp_path / "train2018.json").read_text())
     for change, message in ((lambda d: d["annotations"].pop(), "11 annotations for 12 images"),
                             (lambda d: d["annotations"][0].update(image_id=1), "image id 1077 has no annotation"),

@@ -20,6 +20,7 @@ import detect
 import finetune
 import mim
 import swinv2
+import train
 import test_run
 
 CATS = [dict(id=3, name="car"), dict(id=17, name="cat"), dict(id=90, name="toothbrush")]  # COCO-like gaps
@@ -266,7 +267,7 @@ def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
 
 def test_bf16_stops_at_the_fpn_so_boxes_are_decoded_in_float32():
     model = detect.Detector(swinv2.create("nano", img_size=128, window_size=4, pyramid=True), 3, 128, channels=32, rois=16)
-    model.backbone.autocast = mim.autocast(torch.device("cpu"), torch.bfloat16)
+    model.backbone.autocast = train.autocast(torch.device("cpu"), torch.bfloat16)
     model.eval()
     with torch.no_grad():
         features = model.backbone(torch.randn(1, 3, 128, 128))
@@ -342,7 +343,7 @@ def test_resume_after_sigterm_or_sigkill_gives_the_same_weights_and_log(tmp_path
     # 4 steps of 2 images, a log row per step, checkpoints at steps 2 and 4
     argv = FAST + ["--data", "synthetic:4", "--epochs", "2", "--val_images", "2", "--save_every", "2", "--out_dir"]
 
-    class PreemptedAtStep2(mim.StopSignal):  # SIGTERM arrives during step 2 of 4
+    class PreemptedAtStep2(train.StopSignal):  # SIGTERM arrives during step 2 of 4
         def requested(self):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:
@@ -352,7 +353,7 @@ def test_resume_after_sigterm_or_sigkill_gives_the_same_weights_and_log(tmp_path
     handler = signal.getsignal(signal.SIGTERM)
     try:
         detect.main(argv + [str(tmp_path / "straight")])
-        monkeypatch.setattr(mim, "StopSignal", PreemptedAtStep2)
+        monkeypatch.setattr(train, "StopSignal", PreemptedAtStep2)
         with pytest.raises(SystemExit) as e:
             detect.main(argv + [str(tmp_path / "resumed")])
         assert e.value.code == 0 and torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2

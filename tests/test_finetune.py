@@ -12,6 +12,7 @@ import torch
 import finetune
 import mim
 import swinv2
+import train
 from conftest import write_inat18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +231,7 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
     # one epoch of 4 steps, stopped after step 2 of 4 (mid-epoch), then resumed
     argv = TINY + ["--data", "synthetic:32", "--epochs", "1", "--warmup_epochs", "0", "--pretrained", "none", "--out_dir"]
 
-    class PreemptedAtStep2(mim.StopSignal):  # SIGTERM arrives during step 2
+    class PreemptedAtStep2(train.StopSignal):  # SIGTERM arrives during step 2
         def requested(self):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 2:
@@ -240,7 +241,7 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
     handler = signal.getsignal(signal.SIGTERM)  # StopSignal replaces it; give pytest its own back
     try:
         finetune.main(argv + [str(tmp_path / "straight")])
-        monkeypatch.setattr(mim, "StopSignal", PreemptedAtStep2)
+        monkeypatch.setattr(train, "StopSignal", PreemptedAtStep2)
         with pytest.raises(SystemExit) as e:
             finetune.main(argv + [str(tmp_path / "resumed")])
         assert e.value.code == 0

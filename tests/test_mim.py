@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import mim
 import swinv2
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--data", "synthetic", "--workers", "0", "--val_images", "12", "--batch_size", "8"]
@@ -117,11 +118,11 @@ def test_mask_token_starts_trunc_normal_std_002():
 
 
 def test_get_lr_boundaries():
-    lr = lambda s: mim.get_lr(s, peak_lr=4e-4, start_lr=2e-6, warmup_iters=100, iters=800, milestone=700)
+    lr = lambda s: train.get_lr(s, peak_lr=4e-4, start_lr=2e-6, warmup_iters=100, iters=800, milestone=700)
     assert lr(0) == 2e-6 and math.isclose(lr(50), (2e-6 + 4e-4) / 2)
     assert lr(99) < 4e-4 and lr(100) == 4e-4 and lr(699) == 4e-4
     assert math.isclose(lr(700), 4e-5) and math.isclose(lr(799), 4e-5)
-    cos = lambda s: mim.get_lr(s, 1.0, 0.0, 10, 110, min_lr=0.01, schedule="cosine")
+    cos = lambda s: train.get_lr(s, 1.0, 0.0, 10, 110, min_lr=0.01, schedule="cosine")
     assert cos(10) == 1.0 and math.isclose(cos(60), 0.505) and math.isclose(cos(110), 0.01)
 
 
@@ -157,19 +158,19 @@ def test_val_loss_does_not_depend_on_micro_batch(tmp_path):
 def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
     args = TINY + ["--iters", "6", "--save_every", "100"]
     mim.main(args + ["--out_dir", str(tmp_path / "straight")])
-    get_lr = mim.get_lr
+    get_lr = train.get_lr
 
     def preempt_at_step_3(step, *a, **kw):  # SIGTERM arrives during step 3
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return get_lr(step, *a, **kw)
 
-    monkeypatch.setattr(mim, "get_lr", preempt_at_step_3)
+    monkeypatch.setattr(train, "get_lr", preempt_at_step_3)
     with pytest.raises(SystemExit) as stop:
         mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
     assert stop.value.code == 0
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(mim, "get_lr", get_lr)
+    monkeypatch.setattr(train, "get_lr", get_lr)
     mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)

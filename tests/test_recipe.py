@@ -18,6 +18,7 @@ import data
 import finetune
 import mim
 import swinv2
+import train
 
 # SwinV2-B pre-training: 500K iterations of 2048 images (paper), official 800-epoch config otherwise
 PRETRAINING = dict(
@@ -105,7 +106,7 @@ def pretraining(tmp_path_factory):
                                tmp_path_factory.mktemp("pretrain"))
     tiny = adamw_and_decay(ckpt)
     tiny["weight_decay_of"] = {n: tiny["weight_decay_of"][n] for n in PRETRAINING["weight_decay_of"]}
-    lr = lambda s: mim.get_lr(s, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
+    lr = lambda s: train.get_lr(s, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
     return dict(
         img_size=r["img_size"], window=r["window"], window_sizes=encoder.cfg.window_sizes, iters=r["iters"],
         batch_size=r["batch_size"], lr_per_512=r["lr"], peak_lr=r["peak_lr"], warmup_lr_per_512=args.warmup_lr,

@@ -15,6 +15,7 @@ import torch
 
 import finetune
 import mim
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"img_per_s", "data_wait"}  # measured, not computed: the only fields a resume may change
@@ -27,8 +28,8 @@ FT = ["finetune.py", "--model", "tiny", "--data", "synthetic:24", "--batch_size"
 
 # Runs a script in a fresh process that SIGKILLs itself at a chosen moment (the n-th time it gets there).
 KILLER = r"""
-import os, signal, sys
-import mim
+import json, os, signal, sys
+import train
 where, n, script, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 count = [0]
 
@@ -38,21 +39,21 @@ def reached():
         os.kill(os.getpid(), signal.SIGKILL)
 
 if where == "after_log_row":  # the n-th row is in log.jsonl
-    log = mim.RunDir.log
+    log = train.RunDir.log
     def hooked(self, **row):
         log(self, **row)
         reached()
-    mim.RunDir.log = hooked
+    train.RunDir.log = hooked
 elif where == "mid_log_row":  # half of the n-th row is in log.jsonl
-    log = mim.RunDir.log
+    log = train.RunDir.log
     def hooked(self, **row):
         if count[0] + 1 == n:
-            open(self.file("log.jsonl"), "a").write(mim.json.dumps(row)[:20])
+            open(self.file("log.jsonl"), "a").write(json.dumps(row)[:20])
         reached()
         log(self, **row)
-    mim.RunDir.log = hooked
+    train.RunDir.log = hooked
 elif where == "mid_checkpoint":  # the temp file is complete, the rename has not happened
-    atomic_write = mim.atomic_write
+    atomic_write = train.atomic_write
     def hooked(path, write):
         if path.endswith("ckpt.pt") and count[0] + 1 == n:
             with open(f"{path}.tmp{os.getpid()}", "wb") as f:
@@ -60,13 +61,13 @@ elif where == "mid_checkpoint":  # the temp file is complete, the rename has not
         if path.endswith("ckpt.pt"):
             reached()
         atomic_write(path, write)
-    mim.atomic_write = hooked
+    train.atomic_write = hooked
 elif where == "mid_step":  # after the backward pass of a step, before its update
-    step = mim.optimizer_step
+    step = train.optimizer_step
     def hooked(*a):
         reached()
         return step(*a)
-    mim.optimizer_step = hooked
+    train.optimizer_step = hooked
 __import__(script[:-3]).main(argv)
 """
 
@@ -133,7 +134,7 @@ def test_finetuning_killed_between_a_log_row_and_its_checkpoint_resumes_exactly(
 
 
 def test_ctrl_c_saves_this_step_says_how_to_resume_and_the_rerun_is_exact(straight, tmp_path, monkeypatch, capsys):
-    step_fn = mim.optimizer_step
+    step_fn = train.optimizer_step
     calls = []
 
     def ctrl_c_in_step_3(*a):
@@ -142,7 +143,7 @@ def test_ctrl_c_saves_this_step_says_how_to_resume_and_the_rerun_is_exact(straig
             os.kill(os.getpid(), signal.SIGINT)
         return step_fn(*a)
 
-    monkeypatch.setattr(mim, "optimizer_step", ctrl_c_in_step_3)
+    monkeypatch.setattr(train, "optimizer_step", ctrl_c_in_step_3)
     with pytest.raises(SystemExit) as e:
         run(PRE, tmp_path / "run")
     assert e.value.code == 130
@@ -187,8 +188,8 @@ def test_a_short_streak_is_skipped_counted_and_never_checkpointed(tmp_path, monk
 
     monkeypatch.setattr(mim.SimMIM, "forward", nan_in_steps_5_and_6)
     saves = []
-    save = mim.RunDir.save
-    monkeypatch.setattr(mim.RunDir, "save", lambda self, m, o, step, **kw: (saves.append(step), save(self, m, o, step, **kw)))
+    save = train.RunDir.save
+    monkeypatch.setattr(train.RunDir, "save", lambda self, m, o, step, **kw: (saves.append(step), save(self, m, o, step, **kw)))
     run(PRE + ["--save_every", "2", "--iters", "8"], tmp_path / "run")
     assert saves == [2, 4, 8]  # the boundary after the 6th step is inside the streak: not saved
     log = [r for r in rows(tmp_path / "run") if "train_loss" in r]
@@ -234,7 +235,7 @@ def test_a_second_process_is_refused_until_the_first_dies(tmp_path):
     finally:
         first.kill()
         first.wait()
-    lock = mim.RunDir(str(out), True)  # SIGKILL released the lock: now it is ours
+    lock = train.RunDir(str(out), True)  # SIGKILL released the lock: now it is ours
     assert lock.acquire() is None
     lock.release()
 

@@ -278,3 +278,8 @@ def test_pyramid_maps_are_the_stage_outputs_and_load_pretrained_weights():
         want = F.layer_norm(tokens, tokens.shape[-1:]).transpose(1, 2).reshape(maps[i].shape)
         torch.testing.assert_close(maps[i], want)
         tokens = layer.downsample(tokens, layer.res) if layer.downsample is not None else tokens
+
+
+def test_pyramid_of_a_model_without_pyramid_norms_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"pyramid=True"):
+        swinv2.create("nano").forward_pyramid(torch.randn(1, 3, 64, 64))
