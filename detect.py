@@ -14,7 +14,7 @@ What this file teaches, in reading order:
 
     python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k    # CPU, a few minutes
     python detect.py --model tiny --data synthetic --pretrained none                    # from scratch
-    torchrun --nproc 8 detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k
+    torchrun --nproc_per_node 8 detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k
     python detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k --eval_only
 
 Inputs are fixed squares, so every stage map tiles with its window: training images are jittered, then
@@ -159,7 +159,12 @@ def open_coco(path, split):
     if not (os.path.isfile(ann) and os.path.isdir(images)):
         raise FileNotFoundError(f"--data {path}: no annotations/instances_{split}2017.json and {split}2017/ (want COCO as released, or 'synthetic[:N]')")
     with contextlib.redirect_stdout(io.StringIO()):
-        return CocoDetection(images, ann)
+        coco = CocoDetection(images, ann)
+    # Mask R-CNN trains on masks: a detection-only json (boxes, no polygons) is refused before any work
+    bare = next((a["id"] for a in coco.coco.dataset.get("annotations", []) if "segmentation" not in a), None)
+    if bare is not None:
+        raise ValueError(f"{ann}: annotation id {bare} has no 'segmentation' (boxes only); Mask R-CNN needs instance masks")
+    return coco
 
 
 class Instances:
@@ -310,11 +315,13 @@ def evaluate(model, loader, coco_gt, cat_ids, device):
             results += coco_results(pred, image_id, cat_ids)
         image_ids += ids.tolist()
     model.train()
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (results, image_ids))
-        results, image_ids = [r for p in parts for r in p[0]], [i for p in parts for i in p[1]]
-    metrics = [coco_ap(coco_gt, sorted(results, key=lambda d: d["image_id"]), image_ids) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():  # to rank 0 only: the other ranks never hold the results of all images
+        parts = [None] * dist.get_world_size() if master else None
+        dist.gather_object((results, image_ids), parts, dst=0)
+        if master:
+            results, image_ids = [r for p in parts for r in p[0]], [i for p in parts for i in p[1]]
+    metrics = [coco_ap(coco_gt, sorted(results, key=lambda d: d["image_id"]), image_ids) if master else None]
     if dist.is_initialized():
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
@@ -353,6 +360,7 @@ def get_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
     g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
     g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
@@ -367,8 +375,8 @@ def get_parser():
     g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=train.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
-    g.add_argument("--milestones", type=train.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27 33 (3x schedule; cpu 2.5)")
-    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25)")
+    g.add_argument("--milestones", type=train.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27/36 and 33/36 of --epochs (27 33 of the 3x schedule; cpu 2.5 of 3)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25), at most a quarter of the run")
     g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
     g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
     g.add_argument("--lr", type=train.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
@@ -383,6 +391,7 @@ def get_parser():
     g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
     return p
 
 
@@ -396,7 +405,7 @@ RECIPES = {
     "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
                 milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
 }
-FREE = train.FREE | {"val_images"}  # the evaluation subset is a measurement choice, not part of training
+FREE = train.FREE | {"allow_unfinished", "val_images"}  # the evaluation subset is a measurement choice, not part of training
 
 
 def resolve(args, world_size):
@@ -404,7 +413,10 @@ def resolve(args, world_size):
     Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
+    if args.milestones is None:  # the recipe's fractions of the run (27/36 and 33/36 of the 3x schedule), whatever --epochs
+        r["milestones"] = tuple(m * r["epochs"] / recipe["epochs"] for m in recipe["milestones"])
     r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
+    r["warmup_default"] = args.warmup_iters is None  # capped to the run's length in steps()
     if list(r["milestones"]) != sorted(r["milestones"]) or not all(m <= r["epochs"] for m in r["milestones"]):
         raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
     if r["jitter"][0] > r["jitter"][1]:
@@ -431,6 +443,10 @@ def steps(r, n_train, eval_every):
     spe = n_train // r["batch_size"]
     r.update(epoch_steps=spe, iters=r["epochs"] * spe)
     r["eval_every"] = eval_every * spe or r["iters"]
+    if r.pop("warmup_default"):  # a short run needs no restated schedule: at most a quarter of it warms up
+        r["warmup_iters"] = min(r["warmup_iters"], r["iters"] // 4)
+    elif r["warmup_iters"] >= r["iters"]:
+        raise ValueError(f"--warmup_iters {r['warmup_iters']} must be shorter than the run's {r['iters']} steps (--epochs {r['epochs']})")
     return r
 
 
@@ -448,9 +464,10 @@ def get_lr(step, r):
 def main(argv=None):
     # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
     args = get_parser().parse_args(argv)
+    train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
+        ckpt, pretrained = finetune.read_pretrained(args.pretrained, args.allow_unfinished)
         train_set, val_set = open_coco(args.data, "train"), open_coco(args.data, "val")
         instances = Instances(train_set)
         if sorted(val_set.coco.getCatIds()) != instances.cat_ids:

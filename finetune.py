@@ -9,8 +9,8 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
 
     python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, a minute
     python finetune.py --model tiny --data synthetic --pretrained none                     # from scratch
-    torchrun --nproc 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
-    torchrun --nproc 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k  # its train/val2018.json
+    torchrun --nproc_per_node 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
+    torchrun --nproc_per_node 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k  # its train/val2018.json
     python finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k --eval_only
 
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
@@ -50,10 +50,12 @@ def print_pretrained(p, missing):
         print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
 
 
-def read_pretrained(path):
+def read_pretrained(path, allow_unfinished=False):
     """--pretrained -> (checkpoint dict or None, pairing info for summary.json). A mim.py checkpoint names
     its run (model, frac, iters, data, step, val_loss: analyze.py pairs the two runs through it); of an
-    official checkpoint only the path is known."""
+    official checkpoint only the path is known. A mim.py run that has not finished (no summary.json: it
+    stopped, or its final evaluation has not run) is refused unless allow_unfinished: its numbers would
+    enter the study as those of the run it names."""
     info = dict(path=None, run_dir=None, model=None, frac=None, iters=None, data=None, step=None, val_loss=None)
     if path == "none":
         return None, info
@@ -66,6 +68,9 @@ def read_pretrained(path):
         run_dir, run = os.path.dirname(info["path"]), ckpt["identity"]
         info.update(run_dir=run_dir, model=run["model"], frac=run["frac"], iters=run["iters"], step=ckpt["step"],
                     data=os.path.basename(ckpt["args"]["data"].rstrip("/")), val_loss=ckpt.get("val_loss"))
+        if not allow_unfinished and not os.path.exists(os.path.join(run_dir, "summary.json")):
+            raise ValueError(f"--pretrained {run_dir} has not finished: its checkpoint is at step {ckpt['step']} of {run['iters']} "
+                             f"and it has no summary.json; rerun its command to finish it, or pass --allow_unfinished")
     return ckpt, info
 
 
@@ -156,6 +161,7 @@ def get_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
     g.add_argument("--img_size", type=train.count, default=None, help="input pixels; default 224 (official; tiny 64)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 14 (official; tiny 4)")
     g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
@@ -191,6 +197,7 @@ def get_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one with a head), write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
     return p
 
 
@@ -206,7 +213,7 @@ RECIPES = {
     "cpu": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
                  mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
 }
-FREE = train.FREE | {"val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
+FREE = train.FREE | {"allow_unfinished", "val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
 
 
 def resolve(args, world_size):
@@ -250,9 +257,10 @@ def steps(r, n_train):
 def main(argv=None):
     # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
     args = get_parser().parse_args(argv)
+    train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        ckpt, pretrained = read_pretrained(args.pretrained)
+        ckpt, pretrained = read_pretrained(args.pretrained, args.allow_unfinished)
         train_set, val_set = train.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:

@@ -8,8 +8,8 @@ pixels of the masked patches with a linear decoder and an L1 loss. The data-scal
 the data (--frac), the model (--model) and the length (--iters), and measures a validation loss.
 
     python mim.py --model tiny --data synthetic                        # CPU demo, about a minute
-    torchrun --nproc 8 mim.py --model B --frac 0.5 --iters 125000      # one run of the paper
-    torchrun --nnodes 2 --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 mim.py --model L
+    torchrun --nproc_per_node 8 mim.py --model B --frac 0.5 --iters 125000      # one run of the paper
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 mim.py --model L
     python mim.py --model B --out_dir out/B_frac0.5_125k --eval_only   # re-measure a checkpoint
 
 Randomness is a pure function of (seed, step, sample position): the data order and crops come from
@@ -181,6 +181,7 @@ def get_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="measure the validation loss of --out_dir's checkpoint, write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
     return p
 
 
@@ -213,6 +214,13 @@ def resolve(args, world_size):
 
 # -----------------------------------------------------------------------------
 # validation loss and pictures
+
+
+def overfitting(val_losses):
+    """The live sign of overfitting: the validation loss rose at each of the last two evaluations (one rise
+    can be noise; the paper's small subsets keep rising once they start, Fig. 3)."""
+    v = [x for x in val_losses if x is not None][-3:]
+    return len(v) == 3 and v[0] < v[1] < v[2]
 
 
 @torch.no_grad()
@@ -273,6 +281,7 @@ def save_pictures(path, model, val_set, device, step, n=4):
 def main(argv=None):
     # ---- set-up: flags, data, processes (every bad flag is refused before any work starts)
     args = get_parser().parse_args(argv)
+    train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         train_set, val_set = train.open_splits(args.data, args.val_data)
@@ -347,11 +356,20 @@ def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
         with ctx:
             return model(data.normalize(x.to(device, non_blocking=True)), mask.to(device, non_blocking=True)), {}
 
+    # the validation losses so far (rank 0 keeps the log; a resumed run reads them back from it)
+    history = [row["val_loss"] for _, row in run.rows() if "val_loss" in row] if master else []
+
     def evaluate(step):
         val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
-        if master:
-            tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
-            save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
+        if not master:
+            return dict(val_loss=val_loss)
+        tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
+        save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
+        history.append(val_loss)
+        if overfitting(history):  # the paper's sign (sec. 4): more steps make a small subset's held-out loss worse
+            tqdm.write(f"warning: val_loss rose at two evaluations in a row ({' -> '.join(f'{v:.4f}' for v in history[-3:])}): "
+                       f"SwinV2-{args.model} may be overfitting its {n_train} images")
+            return dict(val_loss=val_loss, overfitting=True)
         return dict(val_loss=val_loss)
 
     lr_at = lambda step, scale: scale * train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])

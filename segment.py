@@ -9,7 +9,7 @@ the SwinV2 paper's LR (the data-scaling paper published none: reference/downstre
 
     python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, minutes
     python segment.py --model tiny --data synthetic --pretrained none                     # from scratch
-    torchrun --nproc 8 segment.py --model B --data data/ADEChallengeData2016 --pretrained out/B_frac0.5_125k
+    torchrun --nproc_per_node 8 segment.py --model B --data data/ADEChallengeData2016 --pretrained out/B_frac0.5_125k
 
 Data: an ADEChallengeData2016 folder as released, or data.py's synthetic images with per-pixel labels of
 their shapes (so it runs on a CPU with no download). Read next: analyze.py.
@@ -149,10 +149,12 @@ def seg_loss(logits, aux_logits, y, aux_weight=0.4):
 class LabelledImage:
     """An image and its label map, opened lazily. It is a context manager like a PIL image, so data.load
     (and so data.TrainStream and data.EvalSet) closes both files, and an unreadable file of either is
-    logged and replaced. `lut` maps stored label values to training labels."""
+    logged and replaced. `lut` maps stored label values to training labels; a label map of another size
+    than its image, or with a label that is neither a class (< num_classes) nor IGNORE, is unreadable, and
+    the reason names the label file."""
 
-    def __init__(self, image, labels, lut=None):
-        self.image, self.labels, self.lut = image, labels, lut
+    def __init__(self, image, labels, lut=None, num_classes=256):
+        self.image, self.labels, self.lut, self.num_classes = image, labels, lut, num_classes
 
     def __enter__(self):
         return self
@@ -162,22 +164,30 @@ class LabelledImage:
             f.close()
 
     def load(self):
-        """Decode both files, as PIL's Image.load (raises what an unreadable file raises)."""
+        """Decode both files and check them, as PIL's Image.load (raises what an unreadable file raises)."""
         for f in self.files():
             f.load()
+        self.tensors()
 
     def files(self):
         return [f for f in (self.image, self.labels) if isinstance(f, Image.Image)]
 
     def tensors(self):
         """-> (tv_tensors.Image uint8 (3, H, W), tv_tensors.Mask uint8 (1, H, W))."""
+        name = f"label map {getattr(self.labels, 'filename', '')}".rstrip()
         if isinstance(self.labels, Image.Image) and self.labels.mode not in ("L", "P"):
-            raise ValueError(f"label map is {self.labels.mode}, want a single-channel (L or P) PNG")
-        labels = np.asarray(self.labels, dtype=np.uint8)
-        labels = self.lut[labels] if self.lut is not None else labels
+            raise ValueError(f"{name} is {self.labels.mode}, want a single-channel (L or P) PNG")
+        raw = np.asarray(self.labels, dtype=np.uint8)
+        labels = self.lut[raw] if self.lut is not None else raw
+        wrong = (labels >= self.num_classes) & (labels != IGNORE)
+        if wrong.any():  # (mIoU's per-class counts have no room for it)
+            valid = self.lut is not None and np.flatnonzero((self.lut < self.num_classes) | (self.lut == IGNORE))
+            raise ValueError(f"{name} holds the value {raw[wrong][0]}, which is no class"
+                             + (f" (valid: {valid.min()}-{valid[valid < 255].max()} and 255)" if valid is not False else ""))
         img = data.to_rgb(self.image)
         if img.size[::-1] != labels.shape:
-            raise ValueError(f"image is {img.size[0]}x{img.size[1]} but its label map {labels.shape[1]}x{labels.shape[0]}")
+            raise ValueError(f"{name} is {labels.shape[1]}x{labels.shape[0]} but its image {getattr(self.image, 'filename', '')} "
+                             f"is {img.size[0]}x{img.size[1]}")
         return tv_tensors.Image(v2.functional.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(labels.copy())[None])
 
 
@@ -213,7 +223,7 @@ class ADE20K:
 
     def open(self, i):
         return LabelledImage(Image.open(os.path.join(self.root, self.names[i])),
-                             Image.open(os.path.join(self.root, self.label_names[i])), ADE_LUT), -1
+                             Image.open(os.path.join(self.root, self.label_names[i])), ADE_LUT, self.num_classes), -1
 
 
 class SyntheticScenes:
@@ -239,7 +249,7 @@ class SyntheticScenes:
         labels = np.zeros((data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE), np.uint8)
         for cls, visible in objects:  # the masks are of visible pixels: they do not overlap
             labels[visible] = cls + 1
-        return LabelledImage(img, labels), label
+        return LabelledImage(img, labels, num_classes=self.num_classes), label
 
 
 def open_splits(path):
@@ -403,7 +413,9 @@ def evaluate(model, loader, num_classes, crop, stride, batch, device, ctx):
     so the numbers are exact and the same for any world size."""
     model.eval()
     areas, n = torch.zeros(3, num_classes, dtype=torch.float64), 0
-    for (x, y), _, _, _ in loader:  # x (1, 3, h, w) resized for the model, y (1, H, W) original labels
+    for (x, y), _, index, bad in loader:  # x (1, 3, h, w) resized for the model, y (1, H, W) original labels
+        if bad.item():  # data.EvalSet replaced it by the next readable image: say which, and why
+            tqdm.write(f"unreadable evaluation image {data.failure(loader.dataset.dataset, index.item())}: scored the next one instead")
         with ctx:
             logits = slide_logits(lambda w: predict(model, w), x[0].to(device, non_blocking=True), crop, stride, batch)
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()  # (H, W), the logits resized to the original size
@@ -496,6 +508,7 @@ def get_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
     g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
     g.add_argument("--crop", type=train.count, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
     g.add_argument("--channels", type=train.count, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
@@ -510,7 +523,7 @@ def get_parser():
     g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=train.count, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
-    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50), at most a quarter of --iters")
     g.add_argument("--batch_size", type=train.count, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
     g.add_argument("--micro_batch", type=train.count, default=None, help="crops per GPU per forward; default batch_size / world size")
     g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
@@ -528,6 +541,7 @@ def get_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
     return p
 
 
@@ -542,7 +556,7 @@ RECIPES = {
     "cpu": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale=(384, 96),
                 channels=64, drop_path=0.1, layer_decay=1.0, eval_every=500, log_every=10, save_every=100),
 }
-FREE = train.FREE | {"val_images", "stride"}  # how the evaluation looks, not what training computes
+FREE = train.FREE | {"allow_unfinished", "val_images", "stride"}  # how the evaluation looks, not what training computes
 
 
 def resolve(args, world_size):
@@ -550,7 +564,9 @@ def resolve(args, world_size):
     Raises ValueError with a one-line message naming the flag."""
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    if r["warmup_iters"] >= r["iters"]:
+    if args.warmup_iters is None:  # a short run needs no restated schedule: at most a quarter of it warms up
+        r["warmup_iters"] = min(r["warmup_iters"], r["iters"] // 4)
+    elif r["warmup_iters"] >= r["iters"]:
         raise ValueError(f"--warmup_iters {r['warmup_iters']} must be shorter than --iters {r['iters']}")
     r["stride"] = args.stride or r["crop"] * 2 // 3
     if r["stride"] > r["crop"]:
@@ -578,9 +594,10 @@ def resolve(args, world_size):
 def main(argv=None):
     # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
     args = get_parser().parse_args(argv)
+    train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        ckpt, pretrained = finetune.read_pretrained(args.pretrained)
+        ckpt, pretrained = finetune.read_pretrained(args.pretrained, args.allow_unfinished)
         train_set, val_set = open_splits(args.data)
         model, missing = build_model(args, r, ckpt, train_set.num_classes)
     except (ValueError, FileNotFoundError) as e:

@@ -18,8 +18,11 @@ resumed run continues exactly where it stopped. Read mim.py first; read next: fi
 """
 import argparse
 import contextlib
+import datetime
+import errno
 import fcntl
 import glob
+import inspect
 import json
 import math
 import os
@@ -101,7 +104,7 @@ def batch_split(B, micro_batch, world_size):
 # Flags that never change what a run computes: free to change when a run resumes (see RunDir.resume).
 # Each script adds its own (e.g. its evaluation subset) and passes the set to identity_of.
 FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir", "eval_only",
-        "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
+        "dist_timeout", "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
 
 
 def identity_of(args, r, free, **content):
@@ -124,9 +127,11 @@ def open_splits(data_path, val_path=None):
     return train_set, data.open_dataset(val_path or data_path, "val")
 
 
-def setup_distributed():
+def setup_distributed(timeout_min=60):
     """The torchrun contract: RANK, LOCAL_RANK, WORLD_SIZE in the environment, else one process.
-    Returns (rank, local_rank, world_size, device)."""
+    timeout_min bounds every collective: the other ranks wait that long while rank 0 alone works (COCO's
+    evaluation of 5,000 images; NCCL's own default, 10 minutes, is too short). Returns (rank, local_rank,
+    world_size, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -135,18 +140,18 @@ def setup_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return rank, local_rank, world, device
 
 
-def launch(out_dir, body, *a):
-    """Every script's last step: join torchrun's processes, take the run directory, and return
-    body(*a, run, device, rank, world). The directory's lock and the process group are let go however
-    body ends (an error, a signal, sys.exit), so a rerun or the next test finds them free."""
-    rank, _, world, device = setup_distributed()
+def launch(out_dir, body, args, *a):
+    """Every script's last step: join torchrun's processes (args.dist_timeout), take the run directory, and
+    return body(args, *a, run, device, rank, world). The directory's lock and the process group are let go
+    however body ends (an error, a signal, sys.exit), so a rerun or the next test finds them free."""
+    rank, _, world, device = setup_distributed(args.dist_timeout)
     run = RunDir(out_dir, rank == 0)
     try:
-        return body(*a, run, device, rank, world)
+        return body(args, *a, run, device, rank, world)
     finally:
         run.release()
         if dist.is_initialized():
@@ -192,6 +197,12 @@ def amp_dtype(device, flag):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def warn_cpu(model):
+    """One line before any work when a paper-sized model will run on a CPU: minutes per step, not a hang."""
+    if model in swinv2.PAPER_SIZES and not torch.cuda.is_available():
+        print0(f"warning: SwinV2-{model} on a CPU takes minutes per step (no GPU found); the CPU sizes are nano and tiny")
 
 
 def device_setup(device, dtype_flag, workers):
@@ -253,9 +264,13 @@ def optimizer_step(raw_model, optimizer, clip_grad):
 
 def ddp(model, device):
     """DDP: gradients all-reduced in buckets during backward. gradient_as_bucket_view makes each .grad a
-    view into its bucket instead of a copy (4 bytes per parameter saved: 4.2 GB for g)."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-               gradient_as_bucket_view=True)
+    view into its bucket instead of a copy (4 bytes per parameter saved: 4.2 GB for g). Buffers are not
+    re-broadcast at every forward: ours are computed from the sizes (the same on every rank) or are
+    BatchNorm statistics that each process keeps (SyncBatchNorm on GPUs). Torch 2.14 renamed the switch
+    (broadcast_buffers -> forward_sync_buffers, with a FutureWarning per rank for the old name)."""
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **{sync: False})
 
 # -----------------------------------------------------------------------------
 # the run directory: files written whole, one run at a time, a log that resumes exactly
@@ -310,32 +325,44 @@ def load_checkpoint(path, need=()):
 class RunDir:
     """A run directory (--out_dir): args.json, log.jsonl, ckpt.pt, summary.json, and what the script adds.
 
-    - One run at a time: rank 0 holds an OS lock (flock) on `.lock` while the run lasts; a second process
+    - One run at a time: rank 0 holds an OS lock (lockf) on `.lock` while the run lasts; a second process
       on the directory is refused. The OS drops the lock when its holder dies, even by SIGKILL.
     - Files are written atomically (temp file + rename), except log.jsonl, which is appended row by row
-      and, on resume, cut back to the checkpoint's step: the rows after it were written by the
-      interrupted run and are written again, identically, by the resumed one.
+      and, on resume, cut back to the rows the checkpoint covers (it records their number): the rows
+      after them were written by the interrupted run and are written again, identically, by the resumed one.
     - A checkpoint records the identity of its run (identity_of); a run with another identity is refused."""
 
     def __init__(self, path, master):
         self.path, self.master, self.lock = path, master, None
         self.ckpt = self.file("ckpt.pt")
+        self.logged = 0  # rows in log.jsonl: a checkpoint records how many it covers
 
     def file(self, name):
         return os.path.join(self.path, name)
 
     def acquire(self):
         """Rank 0: create the folder, take the lock, remove the temp files of a killed save. Returns an
-        error message (the folder is in use) or None."""
+        error message (the folder is in use, or its file system has no locks) or None. The lock is a POSIX
+        record lock (lockf): it belongs to this process alone, so the DataLoader workers it forks do not
+        inherit it (a flock would follow their copies of the descriptor and outlive a SIGKILL of this
+        process until they notice and exit), and it is the kind network file systems support."""
+        new = not os.path.isdir(self.path)
         os.makedirs(self.path, exist_ok=True)
         self.lock = open(self.file(".lock"), "a+")
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            busy = e.errno in (errno.EACCES, errno.EAGAIN)
             self.lock.seek(0)
             holder = self.lock.read().strip() or "another process"
-            self.release()
-            return f"{self.path} is in use by {holder}: wait for it to end, or use another --out_dir"
+            self.release(clear=False)
+            if new:  # a start refused before any work leaves no new folder behind
+                os.remove(self.file(".lock"))
+                os.rmdir(self.path)
+            if busy:
+                return f"{self.path} is in use by {holder}: wait for it to end, or use another --out_dir"
+            return (f"--out_dir {self.path}: its file system cannot lock files ({os.strerror(e.errno)}); without a lock two "
+                    f"jobs could write one run at once: use a run directory on a local or lock-capable file system")
         self.lock.truncate(0)
         self.lock.write(f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
         self.lock.flush()
@@ -343,9 +370,13 @@ class RunDir:
             os.remove(tmp)
         return None
 
-    def release(self):
+    def release(self, clear=True):
+        """Let the lock go (closing the file releases it); the file no longer names this process."""
         if self.lock:
-            self.lock.close()  # closing the file releases the lock
+            if clear:
+                self.lock.truncate(0)
+                self.lock.flush()
+            self.lock.close()
             self.lock = None
 
     def start(self, identity, raw_model, optimizer, master, iters):
@@ -363,7 +394,7 @@ class RunDir:
 
     def resume(self, identity, raw_model, optimizer, master):
         """Continue from ckpt.pt if there is one (every rank): refuse another run's checkpoint, restore the
-        weights, the optimizer and the loop's state, cut log.jsonl back to the checkpoint's step. Returns
+        weights, the optimizer and the loop's state, cut log.jsonl back to the rows the checkpoint covers. Returns
         the loop state (a fresh one without a checkpoint)."""
         if not os.path.exists(self.ckpt):
             if master and os.path.exists(self.file("log.jsonl")):  # killed before its first checkpoint
@@ -379,8 +410,8 @@ class RunDir:
             fail(f"{self.ckpt} belongs to another run: {'; '.join(differ)}. Rerun with its flags, or use another --out_dir", master)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if master:
-            self.cut_log(ckpt["step"])
+        if master:  # (checkpoints written before log_rows existed cover the rows up to their step)
+            self.cut_log(ckpt.get("log_rows", sum(row["step"] <= ckpt["step"] for _, row in self.rows())))
         return dict(ckpt["loop"], step=ckpt["step"], metrics=ckpt.get("metrics", {}))
 
     def rows(self):
@@ -401,16 +432,19 @@ class RunDir:
         last = [row for _, row in self.rows() if "train_loss" in row][-1]
         return {k: last[k] for k in ("skipped_steps", "bad_images", "bad_files")}
 
-    def cut_log(self, step):
-        """Keep the rows of steps <= step, byte for byte."""
-        keep = "".join(line for line, row in self.rows() if row["step"] <= step)
-        atomic_write(self.file("log.jsonl"), lambda f: f.write(keep.encode()))
+    def cut_log(self, rows):
+        """Keep the first `rows` rows, byte for byte: those the checkpoint covers. (Not 'the rows of steps up to
+        the checkpoint's': at the last step the checkpoint comes before the final evaluation's row.)"""
+        keep = [line for line, _ in self.rows()[:rows]]
+        atomic_write(self.file("log.jsonl"), lambda f: f.write("".join(keep).encode()))
+        self.logged = len(keep)
 
     def log(self, **row):
         """Append a row to log.jsonl (rank 0). NaN or inf become null: a failed number is not a number."""
         if self.master:
             with open(self.file("log.jsonl"), "a") as f:
                 f.write(json.dumps(finite(row)) + "\n")
+            self.logged += 1
 
     def save(self, raw_model, optimizer, step, **meta):
         """Rank 0 writes ckpt.pt: a plain dict, loadable with torch.load(weights_only=True): model (unwrapped,
@@ -419,7 +453,7 @@ class RunDir:
         if self.master:
             with open(self.file("log.jsonl"), "a") as f:
                 os.fsync(f.fileno())
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, **meta)
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, log_rows=self.logged, **meta)
             atomic_write(self.ckpt, lambda f: torch.save(state, f))
         if dist.is_initialized():
             dist.barrier()
@@ -435,7 +469,8 @@ def vars_of(identity):
 
 class StopSignal:
     """SIGTERM (preemption) or Ctrl-C (SIGINT) asks the run to stop: the loop saves a checkpoint at the end
-    of the step and exits (0 after SIGTERM, 130 after Ctrl-C, as a shell expects). A second Ctrl-C stops at
+    of the step and exits 128 + the signal (143 after SIGTERM, 130 after Ctrl-C, as a shell expects: a run that
+    did not reach its end is not a success, so chained commands and SLURM dependencies stop). A second Ctrl-C stops at
     once; a second SIGTERM changes nothing (schedulers often send one to every process of a job, and
     torchrun forwards its own). Every rank must stop at the same step, so `requested()` all-reduces the
     flags: a CPU tensor on a gloo group, which waits for the other processes but never for the GPU."""
@@ -545,17 +580,45 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
     """The training loop of every script. Per optimizer step: set each group's LR; run r['accum']
     micro-batches, gradients summed (DDP all-reduces them on the last one only); step, or skip a step
     whose gradient is not finite. Then the boundary: a log row every r['log_every'] steps, an evaluation
-    every r['eval_every'], a checkpoint every r['save_every'], and a stop if SIGTERM/Ctrl-C came.
+    every r['eval_every'] and at the end, a checkpoint every r['save_every'] and at the end, and a stop
+    if SIGTERM/Ctrl-C came.
+
+    A stop is honoured before an evaluation starts (torchrun and SLURM allow ~30 s after SIGTERM; a
+    50K-image validation does not fit), and the last step's checkpoint is written before the final
+    evaluation, so a kill there loses no training. An evaluation skipped that way is due: a resumed run
+    makes it first, so its log equals an uninterrupted run's.
 
     loss_fn(batch) -> (loss, {name: term}) runs the forward of one micro-batch; lr_at(step, scale) is the
-    LR of a parameter group with that lr_scale; evaluate(step) -> {metric: value}, on every rank; meta()
-    (metrics) -> what the script adds to the checkpoint. `state` is RunDir.start's (the resumed loop). Randomness: data.py's
-    stream fixes the data of each step; drop path (and mixing) are seeded by (seed, step, micro-batch)."""
+    LR of a parameter group with that lr_scale; evaluate(step) -> {metric: value}, on every rank;
+    meta(metrics) -> what the script adds to the checkpoint. `state` is RunDir.start's (the resumed loop).
+    Randomness: data.py's stream fixes the data of each step; drop path (and mixing) are seeded by (seed,
+    step, micro-batch)."""
     master, world = run.master, dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    window, stop, metrics = Window(state, stream, world), StopSignal(), state.get("metrics", {})
+    window, stop = Window(state, stream, world), StopSignal()
+    at = dict(metrics=state.get("metrics", {}), evaluated=state.get("evaluated", state["step"]))  # the last evaluation
     bar = tqdm(total=r["iters"], initial=state["step"], disable=not master, dynamic_ncols=True)
+    due = lambda done: done % r["eval_every"] == 0 or done == r["iters"]
+
+    def save(done):
+        """The checkpoint of step `done`, unless non-finite steps are open: a rerun must meet them from their start."""
+        window.settle(device)
+        if window.streak:
+            bar.write(f"step {done}: not saved, the last {window.streak} steps were not finite", file=sys.stderr)
+            if done == r["iters"]:
+                fail(f"the last {window.streak} steps were not finite: the final checkpoint was not written", master)
+            return
+        run.save(raw_model, optimizer, done, loop=dict(window.state(), evaluated=at["evaluated"]), metrics=at["metrics"],
+                 **meta(at["metrics"]))
+
+    def measure(done):
+        at["metrics"], at["evaluated"] = evaluate(done), done
+        run.log(step=done, **at["metrics"])
+
     try:
+        if state["step"] and at["evaluated"] != state["step"] and due(state["step"]):  # stopped before this evaluation
+            measure(state["step"])
+            save(state["step"])
         for step in range(state["step"], r["iters"]):
             # ---- the step
             for group in optimizer.param_groups:
@@ -578,7 +641,7 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
             done, last = step + 1, step + 1 == r["iters"]
             bar.update()
 
-            # ---- the boundary: log, evaluate, save, stop (the loop's only host syncs)
+            # ---- the boundary: log, stop, evaluate, save (the loop's only host syncs)
             if done % r["log_every"] == 0 or last:
                 row = window.row(done, done / r["epoch_steps"], lr_at(step, 1.0), r["batch_size"], device)
                 run.log(**row)
@@ -587,25 +650,20 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
                 fail(f"{window.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: the "
                      f"weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a rerun "
                      f"repeats the same steps. Lower --lr, or look at the data", master)
-            if done % r["eval_every"] == 0 or last:
-                metrics = evaluate(done)
-                run.log(step=done, **metrics)
             signum = stop.requested()
-            if done % r["save_every"] == 0 or last or signum:
-                window.settle(device)
-                if window.streak:  # never save inside a streak: a rerun must meet it again from its start
-                    bar.write(f"step {done}: not saved, the last {window.streak} steps were not finite", file=sys.stderr)
-                    if last:
-                        fail(f"the last {window.streak} steps were not finite: the final checkpoint was not written", master)
-                else:
-                    run.save(raw_model, optimizer, done, loop=window.state(), metrics=metrics, **meta(metrics))
-                    if signum:
-                        bar.write(f"saved {run.ckpt} at step {done}; run the same command again to resume", file=sys.stderr)
+            if signum or last:  # the weights are safe before an evaluation starts; a stop does not wait for it
+                save(done)
             if signum:
-                sys.exit(0 if signum == signal.SIGTERM else 128 + signum)
+                bar.write(f"stopped at step {done}; run the same command again to resume", file=sys.stderr)
+                sys.exit(128 + signum)  # not 0: `mim.py ... && finetune.py ...` and SLURM's afterok stop here
+            if due(done):
+                measure(done)
+            if done % r["save_every"] == 0 or last:
+                save(done)
     finally:
         bar.close()
         stop.restore()
+
 
 # -----------------------------------------------------------------------------
 # --eval_only: a checkpoint into the model the flags built

@@ -3,6 +3,7 @@ region, a degenerate box, grayscale and CMYK JPEGs), the geometry of the fixed s
 and of shifted predictions, evaluation over two processes, loading an official checkpoint into the backbone."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,6 +338,11 @@ def test_trains_on_the_coco_fixture_and_evaluates(coco, tmp_path):
         with pytest.raises(SystemExit) as e:
             detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"] + extra)
         assert str(e.value.code).startswith("error:") and words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    # a rerun may change how the run is measured (--val_images is free), not what it computes
+    assert detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--val_images", "1"]) == metrics
+    with pytest.raises(SystemExit) as e:
+        detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--seed", "1"])
+    assert "belongs to another run: --seed 0 there, 1 here" in str(e.value.code)
 
 
 def test_resume_after_sigterm_or_sigkill_gives_the_same_weights_and_log(tmp_path, monkeypatch):
@@ -356,7 +362,7 @@ def test_resume_after_sigterm_or_sigkill_gives_the_same_weights_and_log(tmp_path
         monkeypatch.setattr(train, "StopSignal", PreemptedAtStep2)
         with pytest.raises(SystemExit) as e:
             detect.main(argv + [str(tmp_path / "resumed")])
-        assert e.value.code == 0 and torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
+        assert e.value.code == 143 and torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
         monkeypatch.undo()
         detect.main(argv + [str(tmp_path / "resumed")])  # the same command again: it resumes
     finally:
@@ -402,3 +408,39 @@ def test_bad_input_is_refused_in_one_line(coco, tmp_path):
         msg = str(e.value.code)
         assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
     assert not (tmp_path / "det").exists()
+
+
+def test_soft_masks_are_cut_at_one_half(coco):
+    """torchvision's masks are probabilities: COCO's are the pixels above 0.5. 0.4 everywhere and 0.9 on the object
+    scores perfect masks only with that threshold (at 0 every mask would cover the whole image)."""
+    model = FakeDetector(coco)
+    for pred in model.truth.values():
+        pred["masks"] = 0.4 + 0.5 * pred["masks"]
+    metrics = evaluate_fixture(model, coco)
+    assert metrics["mask_ap"] == pytest.approx(100) and metrics["box_ap"] == pytest.approx(100)
+
+
+def test_a_json_without_masks_is_refused_naming_the_file_and_annotation(coco, tmp_path):
+    shutil.copytree(coco, tmp_path / "coco")
+    ann = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    d = json.load(open(ann))
+    del d["annotations"][1]["segmentation"]  # a detection-only annotation (boxes only)
+    json.dump(d, open(ann, "w"))
+    with pytest.raises(SystemExit) as e:
+        detect.main(FAST + ["--data", str(tmp_path / "coco"), "--epochs", "2", "--out_dir", str(tmp_path / "det")])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {ann}: annotation id {d['annotations'][1]['id']} has no 'segmentation'") and "\n" not in msg, msg
+    assert not (tmp_path / "det").exists()
+
+
+def test_the_schedule_follows_a_shorter_run_unless_given():
+    def resolved(*extra, n=16000):  # n images at batch 16: n / 16 steps per epoch
+        args = detect.get_parser().parse_args(["--pretrained", "none", *extra])
+        return detect.steps(detect.resolve(args, 1), n, 1)
+    r = resolved("--model", "B", "--epochs", "12", n=1600)  # 100 steps per epoch, 1200 in all
+    assert r["milestones"] == pytest.approx((9, 11)) and r["warmup_iters"] == 300  # 27/36, 33/36; 1000 capped at a quarter
+    assert resolved("--model", "B")["milestones"] == (27, 33) and resolved("--model", "B")["warmup_iters"] == 1000
+    assert resolved("--model", "tiny", "--epochs", "1")["milestones"] == pytest.approx((2.5 / 3,))
+    assert resolved("--model", "B", "--epochs", "12", "--milestones", "8", "10")["milestones"] == (8, 10)
+    with pytest.raises(ValueError, match="--warmup_iters 2000 must be shorter"):
+        resolved("--model", "B", "--epochs", "12", "--warmup_iters", "2000", n=1600)

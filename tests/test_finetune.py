@@ -1,7 +1,9 @@
 """finetune.py: loading mim.py and official checkpoints, layer-wise LR decay, the run directory and its
 pairing info, refusing bad input, exact evaluation across world sizes, and resume after SIGTERM."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,7 +246,7 @@ def test_resume_after_sigterm_gives_the_same_weights(tmp_path, monkeypatch):
         monkeypatch.setattr(train, "StopSignal", PreemptedAtStep2)
         with pytest.raises(SystemExit) as e:
             finetune.main(argv + [str(tmp_path / "resumed")])
-        assert e.value.code == 0
+        assert e.value.code == 143
         assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
         monkeypatch.undo()
         finetune.main(argv + [str(tmp_path / "resumed")])  # the same command again: it resumes
@@ -270,3 +272,32 @@ def test_the_recipe_follows_the_preset_and_flags_override_it(model, recipe):
     _, r = resolved(["--model", model, "--data", "synthetic", "--pretrained", "none", "--batch_size", "8",
                      "--aug", "light", "--mixup", "0.2", "--layer_decay", "0.9"])
     assert (r["aug"], r["mixup"], r["layer_decay"]) == ("light", 0.2, 0.9)
+
+
+def test_an_unfinished_pretraining_is_refused_unless_allowed(pretrained, tmp_path):
+    os.makedirs(tmp_path / "pre")
+    shutil.copy(pretrained / "ckpt.pt", tmp_path / "pre" / "ckpt.pt")  # as after a kill: a checkpoint, no summary.json
+    with pytest.raises(SystemExit) as e:
+        finetune.main(TINY + ["--pretrained", str(tmp_path / "pre"), "--out_dir", str(tmp_path / "ft")])
+    msg = str(e.value.code)
+    assert msg == (f"error: --pretrained {tmp_path / 'pre'} has not finished: its checkpoint is at step 4 of 4 and it has no "
+                   "summary.json; rerun its command to finish it, or pass --allow_unfinished") and not (tmp_path / "ft").exists()
+    ckpt, info = finetune.read_pretrained(str(tmp_path / "pre"), allow_unfinished=True)
+    assert info["step"] == 4 and info["run_dir"] == str(tmp_path / "pre")
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits that rank the true class (of labels 0..3) 1st, 3rd, 6th and 5th of 10 classes."""
+
+    def forward(self, x):
+        ranks = [[0, 5, 6, 7, 8, 9, 1, 2, 3, 4], [2, 3, 1, 5, 6, 7, 8, 9, 0, 4], [3, 4, 5, 6, 7, 2, 8, 9, 0, 1],
+                 [4, 5, 6, 7, 3, 8, 9, 0, 1, 2]]  # row i: classes from best to worst
+        logits = torch.zeros(len(x), 10)
+        for i, order in enumerate(ranks):
+            logits[i, order] = torch.arange(10, 0, -1.0)
+        return logits
+
+
+def test_top5_counts_a_true_class_ranked_second_to_fifth():
+    loader = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), None, None)]
+    assert finetune.evaluate(FixedLogits(), loader, torch.device("cpu"), contextlib.nullcontext()) == (25.0, 75.0, 4)

@@ -168,7 +168,7 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "get_lr", preempt_at_step_3)
     with pytest.raises(SystemExit) as stop:
         mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
-    assert stop.value.code == 0
+    assert stop.value.code == 143
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(train, "get_lr", get_lr)
     mim.main(args + ["--out_dir", str(tmp_path / "resumed")])
@@ -205,3 +205,23 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch
 def test_the_recipe_follows_the_preset(model, want):
     r = mim.resolve(mim.get_parser().parse_args(["--model", model, "--data", "synthetic"]), 1)
     assert {k: r[k] for k in want} == want
+
+
+def test_a_paper_size_on_a_cpu_is_announced_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):  # the data path is refused after the warning, before any work
+        mim.main(["--model", "B", "--data", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "run")])
+    assert capsys.readouterr().out.startswith("warning: SwinV2-B on a CPU takes minutes per step")
+    with pytest.raises(SystemExit):
+        mim.main(["--model", "nano", "--data", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "run")])
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_validation_loss_rising_twice_in_a_row_is_logged_as_overfitting(tmp_path, monkeypatch, capsys):
+    assert mim.overfitting([0.6, 0.5, 0.55, 0.58]) and not mim.overfitting([0.6, 0.5, 0.55]) and not mim.overfitting([0.5, 0.6, 0.6])
+    losses = iter([0.50, 0.52, 0.51, 0.53, 0.55])  # rises at the 2nd and the 5th evaluation: twice in a row only at the 5th
+    monkeypatch.setattr(mim, "estimate_val_loss", lambda *a: next(losses))
+    mim.main(TINY + ["--iters", "5", "--eval_every", "1", "--log_every", "5", "--out_dir", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r.get("overfitting", False) for r in rows if "val_loss" in r] == [False, False, False, False, True]
+    assert "warning: val_loss rose at two evaluations in a row (0.5100 -> 0.5300 -> 0.5500)" in capsys.readouterr().out

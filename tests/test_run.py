@@ -2,6 +2,7 @@
 the log of an uninterrupted run; non-finite steps never reach a checkpoint or a result; a run directory
 refuses another run, a second process and a broken checkpoint in one line; every bad flag value is
 refused before any work; Ctrl-C saves and says how to resume."""
+import errno
 import json
 import os
 import re
@@ -62,6 +63,13 @@ elif where == "mid_checkpoint":  # the temp file is complete, the rename has not
             reached()
         atomic_write(path, write)
     train.atomic_write = hooked
+elif where == "in_evaluation":  # inside the n-th validation (after the checkpoint that comes before a final one)
+    import mim
+    estimate = mim.estimate_val_loss
+    def hooked(*a):
+        reached()
+        return estimate(*a)
+    mim.estimate_val_loss = hooked
 elif where == "mid_step":  # after the backward pass of a step, before its update
     step = train.optimizer_step
     def hooked(*a):
@@ -117,11 +125,16 @@ def straight(tmp_path_factory):
     ("mid_log_row", 6),      # half of the step-10 row is in the file
     ("mid_checkpoint", 2),   # the step-10 checkpoint's temp file is written, not renamed
     ("mid_step", 7),         # inside step 7
+    ("in_evaluation", 2),    # inside the step-10 validation, before that step's checkpoint
+    ("in_evaluation", 3),    # inside the final validation: the step-12 checkpoint is already written
 ])
 def test_pretraining_killed_anywhere_resumes_to_the_same_weights_and_log(where, n, straight, tmp_path):
     killed(where, n, PRE, tmp_path / "run")
     if where == "mid_checkpoint":
         assert any(".tmp" in f for f in os.listdir(tmp_path / "run"))
+    if (where, n) == ("in_evaluation", 3):  # the trained weights were safe before the final evaluation began
+        assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 12
+        assert not (tmp_path / "run" / "summary.json").exists()
     run(PRE, tmp_path / "run")  # the same command again
     assert not any(".tmp" in f for f in os.listdir(tmp_path / "run"))  # a killed save's temp file is gone
     assert_same_run(straight / "pre", tmp_path / "run")
@@ -160,6 +173,28 @@ def test_ctrl_c_saves_this_step_says_how_to_resume_and_the_rerun_is_exact(straig
     assert "this run is complete" in capsys.readouterr().out
 
 
+def test_sigterm_before_an_evaluation_stops_without_it_exits_143_and_the_rerun_makes_it(straight, tmp_path, monkeypatch):
+    """torchrun and SLURM allow ~30 s after SIGTERM: the run saves and stops at once, not after a validation."""
+    step_fn, estimate, calls, evaluated = train.optimizer_step, mim.estimate_val_loss, [], []
+
+    def sigterm_in_step_5(*a):  # step 5 ends at an evaluation boundary (--eval_every 5)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(*a)
+
+    monkeypatch.setattr(train, "optimizer_step", sigterm_in_step_5)
+    monkeypatch.setattr(mim, "estimate_val_loss", lambda *a: evaluated.append(1) or estimate(*a))
+    with pytest.raises(SystemExit) as e:
+        run(PRE, tmp_path / "run")
+    assert e.value.code == 143 and evaluated == []  # not 0: `mim.py ... && finetune.py ...` must not go on
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5
+    assert not any("val_loss" in r for r in rows(tmp_path / "run"))
+    monkeypatch.setattr(train, "optimizer_step", step_fn)
+    run(PRE, tmp_path / "run")  # the step-5 validation comes first, then the rest: the same log as a straight run
+    assert_same_run(straight / "pre", tmp_path / "run")
+
+
 def test_a_diverging_run_stops_without_saving_the_streak_and_a_rerun_fails_the_same_way(tmp_path, capsys):
     argv = PRE + ["--lr", "1e30", "--save_every", "2"]
     for attempt in range(2):
@@ -191,7 +226,8 @@ def test_a_short_streak_is_skipped_counted_and_never_checkpointed(tmp_path, monk
     save = train.RunDir.save
     monkeypatch.setattr(train.RunDir, "save", lambda self, m, o, step, **kw: (saves.append(step), save(self, m, o, step, **kw)))
     run(PRE + ["--save_every", "2", "--iters", "8"], tmp_path / "run")
-    assert saves == [2, 4, 8]  # the boundary after the 6th step is inside the streak: not saved
+    # the boundary after the 6th step is inside the streak: not saved; the last step saves before its evaluation and after
+    assert saves == [2, 4, 8, 8]
     log = [r for r in rows(tmp_path / "run") if "train_loss" in r]
     assert [r["skipped_steps"] for r in log] == [0, 0, 2, 2] and None not in (log[1]["train_loss"], log[3]["train_loss"])
     assert log[2]["train_loss"] is None and log[2]["grad_norm"] is None  # its two steps were both skipped
@@ -220,9 +256,12 @@ def test_a_run_directory_refuses_another_run_and_accepts_free_knobs(straight, tm
     assert rows(out) == before
 
 
-def test_a_second_process_is_refused_until_the_first_dies(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_second_process_is_refused_until_the_first_dies(workers, tmp_path):
+    """With data-loader workers too: they are forked from the run's process, and the lock must not pass to them
+    (a flock does: after a SIGKILL of the run, its orphaned workers held the folder for seconds)."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, *PRE, "--iters", "100000", "--out_dir", str(out)], cwd=ROOT,
+    first = subprocess.Popen([sys.executable, *PRE, "--iters", "100000", "--workers", workers, "--out_dir", str(out)], cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):  # wait until it holds the lock
@@ -235,9 +274,23 @@ def test_a_second_process_is_refused_until_the_first_dies(tmp_path):
     finally:
         first.kill()
         first.wait()
-    lock = train.RunDir(str(out), True)  # SIGKILL released the lock: now it is ours
+    lock = train.RunDir(str(out), True)  # SIGKILL released the lock at once: now it is ours
     assert lock.acquire() is None
     lock.release()
+    assert open(out / ".lock").read() == ""  # let go: it names no process
+
+
+def test_a_finished_run_leaves_a_lock_file_naming_no_process(straight):
+    assert open(straight / "pre" / ".lock").read() == "" and open(straight / "ft" / ".lock").read() == ""
+
+
+def test_a_file_system_without_locks_is_named_and_leaves_no_new_folder(tmp_path, monkeypatch):
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(train.fcntl, "lockf", no_locks)
+    msg = train.RunDir(str(tmp_path / "new"), True).acquire()
+    assert "file system cannot lock files" in msg and "--out_dir" in msg and "\n" not in msg
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "not ours"])
@@ -302,3 +355,28 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
     for argv in (PRE, FT):
         with pytest.raises(SystemExit, match="--out_dir .* is a file"):
             run(argv, tmp_path / "f")
+
+
+# What each script lets a resumed run change: how it runs and how it is measured, never what it computes. Every
+# other flag is the run's identity. Written out here, so a flag made free by mistake (finetune's --smoothing, say)
+# fails this test.
+FREE_KNOBS = {
+    "mim": {"compile", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every", "micro_batch", "out_dir",
+            "save_every", "val_data", "workers"},
+    "finetune": {"allow_unfinished", "compile", "data", "dist_timeout", "eval_only", "grad_ckpt", "log_every", "micro_batch",
+                 "out_dir", "val_data", "val_images", "workers"},
+    "detect": {"allow_unfinished", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every", "micro_batch",
+               "out_dir", "save_every", "val_images", "workers"},
+    "segment": {"allow_unfinished", "compile", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every",
+                "micro_batch", "out_dir", "save_every", "stride", "val_images", "workers"},
+}
+
+
+@pytest.mark.parametrize("name", FREE_KNOBS)
+def test_each_script_names_its_free_knobs_and_every_other_flag_is_its_identity(name):
+    module = __import__(name)
+    flags = {a.dest for a in module.get_parser()._actions if a.dest != "help"}
+    assert flags & module.FREE == FREE_KNOBS[name]
+    args = module.get_parser().parse_args(["--model", "tiny"] + ([] if name == "mim" else ["--pretrained", "none"]))
+    identity = train.identity_of(args, module.resolve(args, 1), module.FREE)
+    assert flags - FREE_KNOBS[name] <= set(identity) and not FREE_KNOBS[name] & set(identity)

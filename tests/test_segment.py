@@ -1,6 +1,7 @@
 """segment.py: UPerNet's shapes and its training-only auxiliary head, mIoU against a hand computation,
 sliding windows against whole-image inference, the joint image + label augmentation, ADE20K as released
 (trained and evaluated), exact evaluation over two processes, a kill and resume, bad input."""
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import finetune
 import mim
 import segment
@@ -247,3 +249,44 @@ def test_scale_is_parsed_and_checked(capsys):
     with pytest.raises(SystemExit):
         segment.get_parser().parse_args(SEG[1:] + ["--scale", "512"])
     assert "want LONG,SHORT" in capsys.readouterr().err
+
+
+def test_a_label_map_of_another_size_or_with_no_class_is_named_with_the_reason(tmp_path, capsys):
+    write_ade(tmp_path)
+    val = segment.open_splits(str(tmp_path))[1]
+    png = tmp_path / val.label_names[0]
+    good = Image.open(png).copy()
+    good.resize((good.width - 3, good.height), Image.NEAREST).save(png)  # another size than its image
+    with pytest.raises(ValueError, match=rf"label map {png} is {good.width - 3}x{good.height} but its image \S+ is {good.width}x{good.height}"):
+        val.open(0)[0].load()
+    assert f"label map {png} is" in data.failure(val, 0)  # the training process's warning names the label file
+    # evaluation scores the next image instead, and says which one it could not read, and why
+    stream = data.EvalSet(val, [0, 1], segment.EvalTransform((96, 64)))
+    loader = data.make_loader(stream, 1, sampler=data.shard(2, 0, 1), workers=0)
+    args = segment.get_parser().parse_args(SEG[1:])
+    model = segment.build_model(args, segment.resolve(args, 1), None, 150)[0]
+    capsys.readouterr()
+    *_, n = segment.evaluate(model, loader, 150, 64, 42, 8, torch.device("cpu"), contextlib.nullcontext())
+    assert n == 2 and f"unreadable evaluation image {tmp_path / val.names[0]} (ValueError: label map {png} is" in capsys.readouterr().out
+    labels = np.asarray(good).copy()
+    labels[0, 0] = 200  # neither a class (1..150 stored) nor ignored (0, 255): mIoU's counts have no room for it
+    Image.fromarray(labels).save(png)
+    with pytest.raises(ValueError, match=r"holds the value 200, which is no class \(valid: 0-150 and 255\)"):
+        val.open(0)[0].load()
+
+
+def test_warmup_follows_a_shorter_run_unless_given():
+    resolved = lambda *extra: segment.resolve(segment.get_parser().parse_args(["--pretrained", "none", *extra]), 1)
+    assert resolved("--model", "B")["warmup_iters"] == 1500 and resolved("--model", "B", "--iters", "10")["warmup_iters"] == 2
+    assert resolved("--model", "tiny", "--iters", "100")["warmup_iters"] == 25  # the CPU recipe's 50, capped at a quarter
+    with pytest.raises(ValueError, match="--warmup_iters 50 must be shorter than --iters 10"):
+        resolved("--model", "B", "--iters", "10", "--warmup_iters", "50")
+
+
+def test_a_rerun_may_change_how_it_is_measured_not_what_it_computes(straight, capsys):
+    before = rows(straight)
+    segment.main(SEG[1:] + ["--out_dir", str(straight), "--stride", "40", "--val_images", "2"])
+    assert "this run is complete" in capsys.readouterr().out and rows(straight) == before
+    with pytest.raises(SystemExit) as e:
+        segment.main(SEG[1:] + ["--out_dir", str(straight), "--seed", "1"])
+    assert "belongs to another run: --seed 0 there, 1 here" in str(e.value.code)
