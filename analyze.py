@@ -389,8 +389,9 @@ def tolerance(rows):
     noise = [r["val_noise"] for r in rows if r.get("val_noise") is not None]
     s = float(np.median(noise)) if noise else None
     tol = max(res, 2 * math.sqrt(2) * s if s else 0.0)
-    return tol, (f"the losses' last digit {res:.2g}" + (f"; 2*sqrt(2) x their median noise {s:.2g}, from the "
-                                                        f"curves of {len(noise)} runs" if s else ", no curves"))
+    if s and tol > res:
+        return tol, f"2*sqrt(2) x {s:.2g}, the median noise of a logged val loss about its trend, over {len(noise)} runs"
+    return tol, "the resolution of the losses as written" + ("" if noise else "; no logged curves to measure their noise")
 
 
 def overfit_flags(rows, tol, shortest=None, whole_group=False):
@@ -517,7 +518,7 @@ def with_seeds(r, m):
     return fmt(r.get(m), 2) + ("" if n is None or r.get(m) is None else f" (n={n}" + (f", sd {sd:.2f})" if sd is not None else ")"))
 
 
-def tables(rows, models, datas, metrics, overfit, corr, rules, tol_text):
+def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
     """The markdown report: results grid, best metric (from scratch beside it), overfitting, correlations."""
     done = [r for r in rows if not r.get("partial")]
     iters = sorted({r["iters"] for r in rows if r["iters"]})  # 0: from scratch, no pre-training to show
@@ -551,7 +552,7 @@ def tables(rows, models, datas, metrics, overfit, corr, rules, tol_text):
                               if (r["model"], r["data"]) == (mo, d) and r.get("val_loss") is not None),
              ", ".join(map(kilo, its))] for (_, mo, d), its in overfit.items()]
     out += [f"\n### Overfitting: the val loss is above that of a shorter run of the same model and data by more "
-            f"than the tolerance ({tol_text}); the shortest run of each: unknown",
+            f"than {tol:.2g} ({tol_text}); the shortest run of each: unknown",
             md_table(["model", "data", "val loss by iterations", "overfitting runs"], body) if body
             else "none found (it takes two or more lengths of the same model and data)"]
     live = [f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in rows if r.get("overfitting_live")]
@@ -654,7 +655,7 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
                 ax.text(0.5, 0.5, f"no runs with a {loss}", ha="center", transform=ax.transAxes)
             c, w = corr["all"][loss][m], corr.get("within_model", {}).get(loss, {}).get(m)
             ax.set(xlabel=f"pre-training {loss.replace('_', ' ')}", ylabel=m,
-                   title=f"all: r = {fmt(c['r'], 3)}, n = {c['n']}" + (f"; within models: r = {fmt(w['r'], 3)}" if w else ""))
+                   title=f"all: r = {fmt(c['r'], 3)}, n = {c['n']}" + (f"\nwithin models: r = {fmt(w['r'], 3)}" if w else ""))
         save(fig, axes, f"{m}_vs_loss")
     return paths
 
@@ -754,7 +755,7 @@ def main(argv=None):
             json.dump(dict(corr, overfit_tolerance=tol, overfit_rules=rules), f, indent=1)
         pngs = figures(sub, models, datas, metrics, corr, out, suffix)
         written += [os.path.basename(p) for p in pngs]
-        report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr, rules, tol_text)
+        report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text)
                       + "\n\nFigures: " + ", ".join(pngs) + "\n")
         in_order += sub
     if left_out:

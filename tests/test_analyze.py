@@ -455,7 +455,7 @@ def test_figures_say_what_the_tables_say(tmp_path, monkeypatch):
     assert data.axes[0].get_xscale() == "log" and "images (log scale)" in data.axes[0].get_xlabel()
     assert data.axes[0].get_shared_y_axes().joined(data.axes[0], data.axes[3])
     ax = loss.axes[0]
-    assert ax.get_title() == "all: r = -0.786, n = 63; within models: r = -0.852"
+    assert ax.get_title() == "all: r = -0.786, n = 63\nwithin models: r = -0.852"
     assert sum(len(c.get_offsets()) for c in ax.collections) == 63  # every run counted is drawn
     labels = ax.get_legend_handles_labels()[1]
     assert labels == ["not overfitting: r = -0.958, n = 28", "overfitting: r = -0.799, n = 14",
