@@ -267,6 +267,7 @@ def load_runs(paths, left_out=None):
         s = summary or args or {}  # a downstream run names its pre-training (pretrained) in both
         if "pretrained" in s and s.get("kind") != "pretrain":
             if summary is None:  # the metrics and the pairing are in the summary
+                left_out.append((d, "a downstream run in progress (no summary.json)", {}))
                 note(f"{d}: downstream run in progress (no summary.json), skipped")
             else:
                 downstream.append((d, summary, args))
@@ -558,9 +559,8 @@ def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
     live = [f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in rows if r.get("overfitting_live")]
     out += [f"\nFlagged by their own log (the val loss rose at two evaluations in a row): {', '.join(live)}"] if live else []
     # n in every cell: an r from 4 runs and an r from 63 runs are not the same evidence
-    name = lambda sub, c: f"within models ({c['models']} models)" if sub == "within_model" else sub
-    body = [[name(sub, next(iter(per_metric.values()), {})), loss] + [f"{fmt(c['r'], 3)} (n={c['n']})"
-                                                                       for c in per_metric.values()]
+    body = [[sub.replace("within_model", "within models"), loss] + [f"{fmt(c['r'], 3)} (n={c['n']})"
+                                                                     for c in per_metric.values()]
             for sub, per_loss in corr.items() for loss, per_metric in per_loss.items() if loss in losses]
     no_loss = " (no train_loss in these runs)" if losses == ["val_loss"] else ""
     out += [f"\n### Pearson r of the pre-training loss with each fine-tuning metric (n = runs){no_loss}",
