@@ -1,21 +1,43 @@
 """analyze.py: the paper's section-5 questions, asked of a grid of runs (model x data x iterations).
 
-Which runs overfit (a shorter run of the same model and data reached a lower validation loss)?
-How does fine-tuning accuracy grow with data and training length? How well do the pre-training
-train and validation losses predict it (Pearson r over all runs, the overfitting ones, the rest)?
-Reads only files on disk, never torch: run directories of mim.py and of the downstream scripts
-(finetune.py, detect.py, segment.py), a table (--csv), or the authors' 63 released runs (--paper,
-paper_runs.csv). A downstream run is paired with its pre-training run through its summary.json and
-gives one column per metric, {task}_{metric} in percent (in1k_top1, coco_box_ap, ade20k_miou, ...);
-several downstream runs of one pre-training, e.g. seeds, give their mean. Those from scratch
-(--pretrained none) are the baseline: a row of 0 pre-training iterations on "scratch" data, a
-reference line in the figures, kept out of the correlations. Each source (ours, paper) gets its own
-tables and figures.
+Which runs overfit? How does fine-tuning accuracy grow with data and training length? How well do the
+pre-training train and validation losses predict it (Pearson r over all runs, per model, within models,
+over the overfitting runs and over the rest)? Reads only files on disk, never torch: run directories of
+mim.py and of the downstream scripts (finetune.py, detect.py, segment.py), a table (--csv), or the
+authors' 63 released runs (--paper, paper_runs.csv).
 
     python analyze.py                        # every run in out/*, into analysis/
     python analyze.py 'out/B_*' --paper      # our B runs next to the paper's numbers
     python analyze.py --paper                # the paper's runs alone, into analysis/paper/
     python analyze.py --csv my_runs.csv --out analysis/csv
+
+Every r it prints is a claim about the paper, so these are the rules that decide what enters one:
+- Pairing. A downstream run counts for a pre-training run's metric only if its summary.json names that
+  run directory and its final step (pretrained.run_dir, pretrained.step = the run's iterations). A run
+  folder that moved is found by model, data, frac and length, if exactly one run has them and its final
+  validation loss is the one the downstream run recorded. Every downstream run left out is named with the
+  reason (an intermediate checkpoint, another recipe, no such run).
+- Seeds. The downstream runs of one pre-training (seeds) give their mean, shown with their number n and
+  standard deviation sd; only runs of one recipe per task are averaged (the recipe most runs share).
+- Columns. One per metric, {task}_{metric} in percent, the task named by the dataset kind as in the
+  paper (in1k, inat18, coco, ade20k) whatever the data folder is called.
+- Unfinished runs (no summary.json, or one whose step is below its iterations) are marked * and kept out
+  of the correlations and of the overfitting rule. One row per (source, model, data, iterations): the
+  duplicates are named; a finished run beats an unfinished one, then the first given wins.
+- Overfitting. A run overfits when its validation loss is above the lowest of the shorter runs of the same
+  model and data by more than a tolerance: the larger of one unit of the last digit the losses were
+  written with (0.0001 for the paper's 0.4820) and two standard deviations of a difference of two
+  validation losses, 2*sqrt(2)*s, where s is the median over the runs of their val_noise (how much a
+  logged validation loss wobbles about its trend). --overfit_tol sets it. The shortest run of a model and
+  data has nothing to be compared with: unknown, in neither subset. The r of both subsets is also printed
+  under the reasonable other rules (shortest run as not overfitting, no tolerance, the smallest counted
+  rise not counted, whole model-data groups flagged), so a reader sees what they depend on.
+- Pooling. Sources (ours, the paper, a --csv) are never pooled. Runs of different pre-training recipes
+  (image size, window, mask, target normalisation, validation set) are refused unless --pool_recipes.
+  Runs of different models are pooled, with r also per model and within models (each model's mean loss
+  and mean metric removed): model size alone moves both the loss and the accuracy.
+Downstream runs from scratch (--pretrained none) are the baseline: a row of 0 pre-training iterations on
+"scratch" data, a reference line in the figures, kept out of the correlations.
 
 Prints markdown tables and writes them (tables.md), runs.csv, correlations.json and PNGs to --out,
 with analysis.json naming its inputs and files: a folder that holds another analysis is refused,
@@ -38,10 +60,18 @@ import matplotlib.pyplot as plt
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_runs.csv")
 MODELS = ["S", "B", "L", "H", "g"]  # the paper's sizes, smallest first; other names sort after
 REQUIRED = ["model", "data", "iters", "train_loss", "val_loss"]
-# runs.csv starts with these columns, then one per metric; --csv reads it back
-CSV_COLS = ["source", "model", "data", "images", "iters", "train_loss", "val_loss", "overfit", "partial",
-            "step"]
-META = set(CSV_COLS) | {"frac", "run_dir", "curve"}  # any other key of a row is a metric
+# runs.csv starts with these columns, then per metric its mean, {metric}_seeds and {metric}_sd; --csv reads it back
+CSV_COLS = ["source", "model", "data", "images", "iters", "train_loss", "val_loss", "val_noise", "overfit",
+            "overfitting_live", "partial", "step"]
+SEED_COLS = ("_seeds", "_sd")
+META = set(CSV_COLS) | {"frac", "run_dir", "curve", "recipe", "seeds"}  # any other key of a row is a metric
+# the paper's names of the downstream datasets, and the names a data folder of them often has
+KINDS = {"in1k": "in1k", "imagenet": "in1k", "imagenet1k": "in1k", "imagenet-1k": "in1k", "ilsvrc2012": "in1k",
+         "inat18": "inat18", "inat2018": "inat18", "inaturalist2018": "inat18", "coco": "coco",
+         "coco2017": "coco", "ade20k": "ade20k", "adechallengedata2016": "ade20k"}
+CLASSES = {1000: "in1k", 8142: "inat18"}  # a classification folder of any other name, told by its classes
+# what a pre-training's losses depend on besides model and data (with the validation set: pretrain_recipe)
+RECIPE = ["img_size", "window", "mask_patch", "mask_ratio", "norm_target"]
 
 
 def note(msg):
@@ -108,6 +138,29 @@ def data_label(name, frac):
     return name if frac is None or frac >= 1 else f"{name} {frac * 100:g}%"
 
 
+def pretrain_recipe(a):
+    """What a pre-training's losses depend on besides model and data: image size, window, mask, target
+    normalisation, and the validation set (its folder and image count). None without args.json. The
+    identity in args.json holds the resolved values (the preset's 64 where the flag says null)."""
+    if not a:
+        return None
+    ident = a.get("identity") or {}
+    val = os.path.normpath(str(a.get("val_data") or a.get("data") or "?"))
+    if os.path.basename(val) == "val":  # data/imagenet/val is data/imagenet's val split
+        val = os.path.dirname(val)
+    return dict({k: ident.get(k, a.get(k)) for k in RECIPE}, val_data=os.path.basename(val),
+                val_images=ident.get("data_val_images", a.get("val_images")))
+
+
+def curve_noise(curve):
+    """How much one logged validation loss wobbles about the run's trend (a standard deviation), from the
+    second differences of the last half of its curve: a trend that is locally straight cancels out, and
+    noise of deviation s gives second differences of deviation s*sqrt(6). None below 3 evaluations. The
+    bends of a real curve count as noise too, so this errs on the side of a larger tolerance."""
+    v = np.array([loss for _, loss in curve[(len(curve) - 1) // 2:]], dtype=float)
+    return float(np.sqrt(np.mean(np.diff(v, 2) ** 2) / 6)) if len(v) >= 3 else None
+
+
 def read_pretrain(d, summary, args, log):
     """One row from a mim.py run. Without summary.json the run is in progress: use its log."""
     s, a = summary or {}, args or {}
@@ -117,45 +170,92 @@ def read_pretrain(d, summary, args, log):
     train = [num(l["train_loss"]) for l in log if num(l.get("train_loss")) is not None]
     curve = [(num(l["step"]), num(l["val_loss"])) for l in log
              if num(l.get("step")) is not None and num(l.get("val_loss")) is not None]
+    step = num(s.get("step")) if summary else max([num(l.get("step")) or 0 for l in log] or [0])
     row = dict(source="ours", model=str(s.get("model", a.get("model", "?"))), frac=frac,
                data=data_label(s.get("data", a.get("data", "?")), frac), images=num(s.get("subset_size")),
-               iters=int(iters) if iters else None, run_dir=d, curve=curve, partial=summary is None,
+               iters=int(iters) if iters else None, run_dir=d, curve=curve, step=step,
+               # unfinished: no summary yet, or one written before the last step (an older mim.py, a cut run)
+               partial=summary is None or (step is not None and iters is not None and step < iters),
                train_loss=num(s.get("train_loss", train[-1] if train else None)),
                val_loss=num(s.get("val_loss", curve[-1][1] if curve else None)),
-               step=max([num(l.get("step")) or 0 for l in log] or [0]))
+               recipe=pretrain_recipe(args), val_noise=curve_noise(curve),
+               # mim.py's own check during the run (the val loss rose at two evaluations in a row)
+               overfitting_live=True if any(l.get("overfitting") is True for l in log) else None)
     if row["iters"] is None or (row["train_loss"] is None and row["val_loss"] is None):
         return note(f"{d}: no iterations or no losses logged yet, skipped")
-    if row["partial"]:
+    if summary is None:
         note(f"{d}: in progress (no summary.json), using its log up to step {row['step']:g}")
+    elif row["partial"]:
+        note(f"{d}: unfinished (summary.json at step {step:g} of {iters:g})")
     return row
 
 
-def downstream_metrics(s):
+def task_of(s, a):
+    """The dataset kind of a downstream run (in1k, inat18, coco, ade20k), so columns line up with the
+    paper's: finetune.py names the task after the data folder (imagenet) unless --task is given. A name
+    not in KINDS stays, unless it is the data folder's own and the classes tell the dataset."""
+    task = str(s.get("task") or s.get("kind") or "ft")
+    kind = KINDS.get(task.lower())
+    folder = os.path.splitext(os.path.basename(str(s.get("data", "")).rstrip("/")))[0]
+    if kind is None and task == folder and s.get("kind") == "finetune":
+        kind = CLASSES.get(((a or {}).get("identity") or {}).get("data_classes"))
+    return kind or task
+
+
+def downstream_metrics(s, task):
     """{column: value} of a downstream summary, all in percent and higher-is-better: {task}_{name} for
     each entry of its metrics dict (detect.py: box_ap, mask_ap; segment.py: miou, pixel_acc), else
     finetune.py's best_top1, best_top5 (the best epoch, as the paper reports)."""
     metrics = s.get("metrics")
     if not isinstance(metrics, dict):
         metrics = {k: s.get(f"best_{k}") for k in ("top1", "top5")}
-    task = s.get("task") or s.get("kind") or "ft"
     return {f"{task}_{k}": num(v) for k, v in metrics.items() if num(v) is not None}
 
 
+def downstream_recipe(a):
+    """Everything a downstream run computed with but its seed and its starting point: the identity in
+    its args.json, as a comparable string ('' when unknown). Runs of different recipes are not averaged."""
+    ident = {k: v for k, v in ((a or {}).get("identity") or {}).items() if k not in ("seed", "pretrained")}
+    return json.dumps(ident, sort_keys=True) if ident else ""
+
+
+def differ(a, b):
+    """'epochs 3 vs 100, lr ...': the fields where two recipes (dicts or downstream_recipe strings) differ."""
+    a, b = [json.loads(x or "{}") if isinstance(x, str) else x or {} for x in (a, b)]
+    return ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
 def pretraining_of(p, rows, by_dir):
-    """The row of the pre-training run that a downstream summary's `pretrained` entry names, or None."""
-    r = by_dir.get(os.path.realpath(str(p["run_dir"]))) if p.get("run_dir") else None
-    if r is None:  # the run folder was moved or copied: match on (model, data, iters)
+    """(row, None): the pre-training run whose final checkpoint a downstream run started from, as its
+    summary's `pretrained` entry names it; or (None, why not)."""
+    if not p.get("run_dir"):
+        return None, f"{p.get('path')} is not a mim.py run directory (an official checkpoint?)"
+    r = by_dir.get(os.path.realpath(str(p["run_dir"])))
+    if r is None:  # the run folder was moved or copied: the same model, data, frac and length...
         want = dict(model=str(p.get("model")), iters=num(p.get("iters")), frac=num(p.get("frac", 1.0)))
         if "data" in p:
             want["data"] = data_label(p["data"], want["frac"])
         same = [r for r in rows if all(r[k] == v for k, v in want.items())]
-        r = same[0] if len(same) == 1 else None  # two candidates: refuse to guess
-    return r
+        if len(same) != 1:  # two candidates: refuse to guess
+            return None, f"pre-training run {p['run_dir']} not found ({len(same)} runs of its model, data and length)"
+        r = same[0]
+        # ...and the same final validation loss, which another run of that cell would not have to the last digit
+        if num(p.get("val_loss")) is None or num(p.get("val_loss")) != r.get("val_loss"):
+            return None, (f"pre-training run {p['run_dir']} not found; {r['run_dir']} has its model, data and "
+                          f"length but another final val loss ({r.get('val_loss')} vs {p.get('val_loss')})")
+        note(f"{p['run_dir']} (not among the inputs) taken to be {r['run_dir']}: same model, data, length, val loss")
+    step = num(p.get("step"))
+    if step is None or step != r["iters"] or r.get("partial"):
+        at = "an unknown step" if step is None else f"step {step:g}"
+        return None, f"started from {at} of {r['run_dir']} ({r['iters']} iterations): not its final checkpoint"
+    return r, None
 
 
-def load_runs(paths):
-    """Rows of the pre-training runs in paths (globs allowed), with their downstream metrics, and
-    one row per model for the downstream runs from scratch."""
+def load_runs(paths, left_out=None):
+    """Rows of the pre-training runs in paths (globs allowed), with their downstream metrics, and one row
+    per model for the downstream runs from scratch. Downstream runs that count for no row are appended
+    to left_out as (run dir, why, their metrics)."""
+    left_out = [] if left_out is None else left_out
     rows, downstream = [], []
     for p in paths:
         if not any(os.path.isdir(d) for d in glob.glob(p)):
@@ -167,38 +267,63 @@ def load_runs(paths):
         s = summary or args or {}  # a downstream run names its pre-training (pretrained) in both
         if "pretrained" in s and s.get("kind") != "pretrain":
             if summary is None:  # the metrics and the pairing are in the summary
+                left_out.append((d, "a downstream run in progress (no summary.json)", {}))
                 note(f"{d}: downstream run in progress (no summary.json), skipped")
             else:
-                downstream.append((d, summary))
+                downstream.append((d, summary, args))
         elif summary or args or log:
             rows.append(read_pretrain(d, summary, args, log))
         else:
             note(f"{d}: no summary.json, args.json or log.jsonl, skipped")
     rows = [r for r in rows if r]
     by_dir = {os.path.realpath(r["run_dir"]): r for r in rows}
-    scores, scratch = {}, {}  # (id of the row, column) -> (row, the runs' values); model -> row
-    for d, s in downstream:
-        p = s.get("pretrained") or {}
+
+    def leave(d, why, values):
+        left_out.append((d, why, values))
+        note(f"{d}: {why}; left out")
+    entries, scratch, renamed = [], {}, set()  # entries: (row, run dir, task, recipe, {column: value})
+    for d, s, a in downstream:
+        task, p = task_of(s, a), s.get("pretrained") or {}
+        if s.get("task") and task != s["task"]:
+            renamed.add(f"{s.get('task')} -> {task}")
         if p.get("path"):
-            r = pretraining_of(p, rows, by_dir)
+            r, why = pretraining_of(p, rows, by_dir)
         else:  # --pretrained none: the baseline, one row per model of 0 pre-training iterations
-            model = str(s.get("model", "?"))
+            model, why = str(s.get("model", "?")), None
             r = scratch.setdefault(model, dict(source="ours", model=model, data="scratch", images=0, iters=0))
         if r is None:
-            note(f"{d}: pre-training run {p.get('run_dir') or p['path']} not found, skipped")
+            leave(d, why, downstream_metrics(s, task))
+        else:
+            entries.append((r, d, task, downstream_recipe(a), downstream_metrics(s, task)))
+    if renamed:
+        note(f"task names as in the paper: {', '.join(sorted(renamed))}")
+    # one recipe per task: a mean over a 3-epoch and a 100-epoch fine-tune, or a column mixing them,
+    # measures neither. The recipe most runs share wins (the first one on a tie)
+    count, best = {}, {}
+    for _, _, task, recipe, _ in entries:
+        count[task, recipe] = count.get((task, recipe), 0) + 1
+    for (task, recipe), n in count.items():
+        best[task] = recipe if n > count.get((task, best.get(task)), 0) else best[task]
+    scores = {}  # (id of the row, column) -> (row, the runs' values)
+    for r, d, task, recipe, values in entries:
+        if recipe != best[task]:
+            leave(d, f"another {task} recipe than {count[task, best[task]]} other run(s): {differ(recipe, best[task])}",
+                  values)
             continue
-        for col, v in downstream_metrics(s).items():
+        for col, v in values.items():
             scores.setdefault((id(r), col), (r, []))[1].append(v)
-    # several fine-tunings of one pre-training (seeds): their mean. At small scale one fine-tuning's
-    # seed moves top-1 by several points, and the best of n seeds would reward noise.
+    # several fine-tunings of one pre-training (seeds): their mean, with how many and how far apart. At
+    # small scale one fine-tuning's seed moves top-1 by several points, and the best of n would reward noise.
     for (_, col), (r, vs) in scores.items():
         r[col] = sum(vs) / len(vs)
+        r.setdefault("seeds", {})[col] = (len(vs), float(np.std(vs, ddof=1)) if len(vs) > 1 else None)
     return rows + list(scratch.values())
 
 
-def load_csv(path, source="ours"):
+def load_csv(path, source=None):
     """Rows from a table with columns model, data, iters, train_loss, val_loss and one per metric.
-    Lines starting with # are comments (paper_runs.csv names its source that way); cells may be empty."""
+    Lines starting with # are comments (paper_runs.csv names its source that way); cells may be empty.
+    The source is the table's source column, else `source`, else the file's name: never 'ours'."""
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader([l for l in f if not l.lstrip().startswith("#")])
@@ -209,52 +334,159 @@ def load_csv(path, source="ours"):
     if missing:
         raise SystemExit(f"--csv {path}: missing column(s) {', '.join(missing)}; "
                          f"need {', '.join(REQUIRED)} plus one column per metric")
+    metrics = [c for c in cols if c not in META and not c.endswith(SEED_COLS)]
     rows = []
     for i, rec in enumerate(reader, 1):
         rec = {k.strip(): (v or "").strip() for k, v in rec.items() if isinstance(k, str)}
         if not rec["model"] or not rec["data"] or num(rec["iters"]) is None:
             note(f"{path}: data row {i} has no model, data or iters, skipped")
             continue
-        row = {c: num(rec[c]) for c in cols if c not in META}  # the metrics
-        row.update(source=rec.get("source") or source, model=rec["model"], data=rec["data"],
-                   images=num(rec.get("images")), iters=int(num(rec["iters"])), step=num(rec.get("step")),
-                   train_loss=num(rec["train_loss"]), val_loss=num(rec["val_loss"]),
-                   partial=rec.get("partial") == "1")
+        row = {c: num(rec[c]) for c in metrics}
+        seeds = {m: (int(num(rec.get(m + "_seeds"))), num(rec.get(m + "_sd"))) for m in metrics
+                 if num(rec.get(m + "_seeds")) is not None}
+        step, iters = num(rec.get("step")), int(num(rec["iters"]))
+        row.update(source=rec.get("source") or source or os.path.splitext(os.path.basename(path))[0],
+                   model=rec["model"], data=rec["data"], images=num(rec.get("images")), iters=iters, step=step,
+                   train_loss=num(rec["train_loss"]), val_loss=num(rec["val_loss"]), val_noise=num(rec.get("val_noise")),
+                   overfitting_live=True if rec.get("overfitting_live") == "1" else None, seeds=seeds,
+                   partial=rec.get("partial") == "1" or (step is not None and step < iters))
         rows.append(row)
     return rows
 
 
+def one_per_run(rows, left_out):
+    """One row per (source, model, data, iterations): a finished run beats an unfinished one, then the first
+    given wins (two rows of one run, e.g. --csv analysis/paper/runs.csv --paper, would count it twice)."""
+    keep, name = {}, lambda r: r.get("run_dir") or f"{r['source']} {r['model']} {r['data']} {kilo(r['iters'])}"
+    for r in rows:
+        key = (r["source"], r["model"], r["data"], r["iters"])
+        old = keep.setdefault(key, r)
+        if old is not r:
+            if old.get("partial") and not r.get("partial"):
+                keep[key], old, r = r, r, old
+            same = all(old.get(k) == r.get(k) for k in ("train_loss", "val_loss", "step"))
+            left_out.append((name(r), f"a duplicate of {name(old)}" + (" (same losses)" if same else ""), {}))
+    if len(keep) < len(rows):
+        note(f"{len(rows) - len(keep)} duplicate run(s) left out (one row per source, model, data and iterations)")
+    return list(keep.values())
+
+
 # ------------------------------------------------------------------------------------ analysis
 
-def find_overfitting(rows):
-    """Set r['overfit'] (None when unknown): a shorter run of the same model and data had a lower
-    validation loss, the paper's sign of too little data. Returns {(source, model, data): [iters]}."""
-    groups, found = {}, {}
+def resolution(values):
+    """One unit of the last digit the values were written with: 0.0001 for the paper's 0.4820, 0 for
+    the full floats of our summaries (whose differences are exact)."""
+    for k in range(9):
+        if all(abs(round(v, k) - v) < 1e-12 for v in values):
+            return 10.0 ** -k
+    return 0.0
+
+
+def tolerance(rows):
+    """(the rise a validation loss must exceed to count as overfitting, how it was found). A difference of
+    two rounded values is uncertain by one unit of their last digit; a difference of two losses that each
+    wobble by s has deviation s*sqrt(2), and we ask for two of those."""
+    res = resolution([r["val_loss"] for r in rows if r.get("val_loss") is not None])
+    noise = [r["val_noise"] for r in rows if r.get("val_noise") is not None]
+    s = float(np.median(noise)) if noise else None
+    tol = max(res, 2 * math.sqrt(2) * s if s else 0.0)
+    if s and tol > res:
+        return tol, f"2*sqrt(2) x {s:.2g}, the median noise of a logged val loss about its trend, over {len(noise)} runs"
+    return tol, "the resolution of the losses as written" + ("" if noise else "; no logged curves to measure their noise")
+
+
+def overfit_flags(rows, tol, shortest=None, whole_group=False):
+    """({id(row): True | False | None}, [the rises that counted]). A run overfits when its validation loss
+    is above the lowest of the shorter finished runs of the same model and data by more than tol; the
+    shortest run gets `shortest` (None: unknown). whole_group: every run of a group with a rise overfits."""
+    groups, flags, rises = {}, {}, []
     for r in rows:
-        r["overfit"] = None
         if not r.get("partial") and r.get("val_loss") is not None:
             groups.setdefault((r.get("source", ""), r["model"], r["data"]), []).append(r)
     # "shorter run", not "previous length": 125K 0.47, 250K 0.50, 500K 0.49 overfits twice
-    for key, runs in groups.items():
-        for r in sorted(runs, key=lambda r: r["iters"]):
-            r["overfit"] = any(s["iters"] < r["iters"] and s["val_loss"] < r["val_loss"] for s in runs)
-            if r["overfit"]:
-                found.setdefault(key, []).append(r["iters"])
+    for runs in groups.values():
+        for r in runs:
+            shorter = [s["val_loss"] for s in runs if s["iters"] < r["iters"]]
+            rise = r["val_loss"] - min(shorter) if shorter else None
+            flags[id(r)] = shortest if rise is None else rise > tol
+            rises += [rise] if flags[id(r)] and rise is not None else []
+        if whole_group and len({r["iters"] for r in runs}) > 1:
+            flags.update({id(r): any(flags[id(s)] for s in runs) for r in runs})
+    return flags, rises
+
+
+def find_overfitting(rows, tol=0.0):
+    """Set r['overfit'] (None when unknown) by the rule of overfit_flags. Returns {(source, model, data): [iters]}."""
+    flags, found = overfit_flags(rows, tol)[0], {}
+    for r in sorted(rows, key=lambda r: r["iters"]):
+        r["overfit"] = flags.get(id(r))
+        if r["overfit"]:
+            found.setdefault((r.get("source", ""), r["model"], r["data"]), []).append(r["iters"])
     return found
 
 
+def cell(rows, loss, m):
+    r, n = pearson([row.get(loss) for row in rows], [row.get(m) for row in rows])
+    return {"r": r, "n": n}  # n stays even when r is None: it says why there is no r
+
+
+def within_model(rows, loss, m):
+    """Pearson r with each model's mean loss and mean metric removed: does the loss still order the runs
+    once model size (which lowers the loss and raises the accuracy at once) is taken out?"""
+    x, y, k = [], [], 0
+    for mo in sorted({r["model"] for r in rows}):
+        pairs = [(r[loss], r[m]) for r in rows if r["model"] == mo and r.get(loss) is not None and r.get(m) is not None]
+        if len(pairs) >= 2:  # one run of a model has no deviation from its mean
+            a, b = np.array(pairs, dtype=float).T
+            x, y, k = x + list(a - a.mean()), y + list(b - b.mean()), k + 1
+    return dict(cell([{"l": a, "m": b} for a, b in zip(x, y)], "l", "m"), models=k)
+
+
+def losses_of(rows):
+    return [l for l in ("train_loss", "val_loss") if any(r.get(l) is not None for r in rows)]
+
+
 def correlations(rows, metrics):
-    """{'all'|'overfit'|'non_overfit': {loss: {metric: {'r', 'n'}}}} over the finished runs.
-    The paper's point: train loss flips sign on overfitting runs, val loss does not."""
+    """{subset: {loss: {metric: {'r', 'n'}}}} over the finished runs: all, overfit, non_overfit, and with
+    several models each model alone and all of them within models. The paper's point: train loss flips
+    sign on overfitting runs, val loss does not."""
     done = [r for r in rows if not r.get("partial")]
     subsets = {"all": done, "overfit": [r for r in done if r.get("overfit") is True],
                "non_overfit": [r for r in done if r.get("overfit") is False]}
+    models = sorted({r["model"] for r in done}, key=model_key)
+    out = {name: {loss: {m: cell(sub, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
+           for name, sub in subsets.items()}
+    if len(models) > 1:
+        out["within_model"] = {loss: {m: within_model(done, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
+        for mo in models:
+            sub = [r for r in done if r["model"] == mo]
+            out[f"model {mo}"] = {loss: {m: cell(sub, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
+    return out
 
-    def cell(sub, loss, m):
-        r, n = pearson([row.get(loss) for row in sub], [row.get(m) for row in sub])
-        return {"r": r, "n": n}  # n stays even when r is None: it says why there is no r
-    return {name: {loss: {m: cell(sub, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
-            for name, sub in subsets.items()}
+
+def overfit_rules(rows, metrics, tol):
+    """{rule: {loss: {metric: {'overfit': cell, 'non_overfit': cell}}}}: the two subsets' r under the rule
+    and the reasonable alternatives to it, so that a reader sees what those numbers depend on."""
+    done = [r for r in rows if not r.get("partial")]
+    rises = overfit_flags(done, tol)[1]
+    low = min(rises, default=None)  # the least certain rise that counted: the first a stricter rule drops
+    rules = {f"the rule (tolerance {tol:.2g}, shortest run unknown)": {},
+             "shortest run counted as not overfitting": dict(shortest=False),
+             "no tolerance: any rise": dict(tol=0.0) if tol > 0 else None,
+             f"smallest counted rise (+{low or 0:.4f}) not counted": low and dict(tol=low),
+             "whole model-data groups with a rise": dict(whole_group=True),
+             "whole groups, smallest rise not counted": low and dict(tol=low, whole_group=True)}
+    out = {}
+    for name, kw in [(name, kw) for name, kw in rules.items() if kw is not None]:
+        flags = overfit_flags(done, **dict(dict(tol=tol), **kw))[0]
+        out[name] = {loss: {m: {k: cell([r for r in done if flags.get(id(r)) is f], loss, m)
+                                for k, f in (("overfit", True), ("non_overfit", False))} for m in metrics}
+                     for loss in losses_of(done)}
+    return out
+
+
+def model_key(m):
+    return MODELS.index(m) if m in MODELS else len(MODELS), m
 
 
 def ordered(rows):
@@ -265,7 +497,6 @@ def ordered(rows):
     for r in rows:
         r["images"] = r.get("images") or size[r["data"]]
     datas = sorted(size, key=lambda d: (size[d] is None, size[d] or 0, d))
-    model_key = lambda m: (MODELS.index(m) if m in MODELS else len(MODELS), m)
     rows.sort(key=lambda r: (model_key(r["model"]), datas.index(r["data"]), r["iters"]))
     return sorted({r["model"] for r in rows}, key=model_key), datas
 
@@ -282,21 +513,29 @@ def md_table(header, body):
     return "\n".join("| " + " | ".join(map(str, l)) + " |" for l in [header, ["---"] * len(header)] + body)
 
 
-def tables(rows, models, datas, metrics, overfit, corr):
+def with_seeds(r, m):
+    """'61.50 (n=3, sd 2.12)': a mean over downstream runs says over how many, and how far apart they were."""
+    n, sd = r.get("seeds", {}).get(m, (None, None))
+    return fmt(r.get(m), 2) + ("" if n is None or r.get(m) is None else f" (n={n}" + (f", sd {sd:.2f})" if sd is not None else ")"))
+
+
+def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
     """The markdown report: results grid, best metric (from scratch beside it), overfitting, correlations."""
     done = [r for r in rows if not r.get("partial")]
     iters = sorted({r["iters"] for r in rows if r["iters"]})  # 0: from scratch, no pre-training to show
     # the grid, one line per (model, data), cells "val loss / metric" as in the paper's table
-    losses = [l for l in ("train_loss", "val_loss") if any(r.get(l) is not None for r in rows)]
-    cell = {(r["model"], r["data"], r["iters"]): r for r in rows}
-    show = lambda r: " / ".join([fmt(r.get(l), 4) for l in losses] + [fmt(r.get(m), 2) for m in metrics]) \
+    losses = losses_of(rows)
+    cells = {(r["model"], r["data"], r["iters"]): r for r in rows}
+    show = lambda r: " / ".join([fmt(r.get(l), 4) for l in losses] + [with_seeds(r, m) for m in metrics]) \
         + ("*" if r.get("partial") else "")
-    grid = [[m, d] + [show(cell[m, d, i]) if (m, d, i) in cell else "" for i in iters]
-            for m in models for d in datas if any((m, d, i) in cell for i in iters)]
-    out = [f"### Results: {' / '.join(losses + metrics)}",
+    grid = [[m, d] + [show(cells[m, d, i]) if (m, d, i) in cells else "" for i in iters]
+            for m in models for d in datas if any((m, d, i) in cells for i in iters)]
+    seeds = " (mean of n downstream runs, their sd)" if any(r.get("seeds") for r in rows) else ""
+    out = [f"### Results: {' / '.join(losses + metrics)}{seeds}",
            md_table(["model", "data"] + list(map(kilo, iters)), grid)]
     if len(done) < len(rows):
-        out.append("\n\\* in progress: last logged values, left out of the tables below")
+        out.append("\n\\* unfinished (no summary.json, or stopped before its last step): last logged values, "
+                   "left out of the tables below and of the correlations")
     # the paper's "best fine-tuning performance": the max over training lengths; the baseline from
     # scratch (0 images, so the first column) is the one value of its model
     best_cell = lambda r, m: f"{r[m]:.2f}" + (f" ({kilo(r['iters'])})" if r["iters"] else "")
@@ -313,24 +552,36 @@ def tables(rows, models, datas, metrics, overfit, corr):
     body = [[mo, d, ", ".join(f"{kilo(r['iters'])} {r['val_loss']:.4f}" for r in done
                               if (r["model"], r["data"]) == (mo, d) and r.get("val_loss") is not None),
              ", ".join(map(kilo, its))] for (_, mo, d), its in overfit.items()]
-    out += ["\n### Overfitting: the val loss is above that of a shorter run of the same model and data",
+    out += [f"\n### Overfitting: the val loss is above that of a shorter run of the same model and data by more "
+            f"than {tol:.2g} ({tol_text}); the shortest run of each: unknown",
             md_table(["model", "data", "val loss by iterations", "overfitting runs"], body) if body
             else "none found (it takes two or more lengths of the same model and data)"]
+    live = [f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in rows if r.get("overfitting_live")]
+    out += [f"\nFlagged by their own log (the val loss rose at two evaluations in a row): {', '.join(live)}"] if live else []
     # n in every cell: an r from 4 runs and an r from 63 runs are not the same evidence
-    body = [[sub, loss] + [f"{fmt(c['r'], 3)} (n={c['n']})" for c in per_metric.values()]
-            for sub, per_loss in corr.items() for loss, per_metric in per_loss.items()]
-    out += ["\n### Pearson r of the pre-training loss with each fine-tuning metric (n = runs)",
+    body = [[sub.replace("within_model", "within models"), loss] + [f"{fmt(c['r'], 3)} (n={c['n']})"
+                                                                     for c in per_metric.values()]
+            for sub, per_loss in corr.items() for loss, per_metric in per_loss.items() if loss in losses]
+    no_loss = " (no train_loss in these runs)" if losses == ["val_loss"] else ""
+    out += [f"\n### Pearson r of the pre-training loss with each fine-tuning metric (n = runs){no_loss}",
             md_table(["runs", "loss"] + metrics, body) if metrics else "no fine-tuning metrics yet"]
+    if metrics and rules:
+        body = [[rule, loss] + [" / ".join(f"{fmt(c[k]['r'], 3)} (n={c[k]['n']})" for k in ("overfit", "non_overfit"))
+                                for c in per_metric.values()]
+                for rule, per_loss in rules.items() for loss, per_metric in per_loss.items()]
+        out += ["\n### Overfit / non-overfit r under other overfitting rules", md_table(["rule", "loss"] + metrics, body)]
     return "\n".join(out)
 
 
 def figures(rows, models, datas, metrics, corr, out, suffix):
     """Val loss vs iterations; each metric vs data size and vs the two losses, with the baseline from
-    scratch as a horizontal line. Returns the PNG paths."""
+    scratch as a horizontal line. Per-model panels share their y-axis, so models compare at a glance as
+    they do in the tables. Returns the PNG paths."""
     paths, iters = [], sorted({r["iters"] for r in rows if r["iters"]})
     scratch = {r["model"]: r for r in rows if r["iters"] == 0}  # no pre-training: no loss, no data size
     datas = [d for d in datas if any(r["data"] == d and r["iters"] for r in rows)]
-    panels = lambda n: plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained")
+    panels = lambda n, share: plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained",
+                                           sharex=share, sharey=share)
 
     def baseline(ax, m, mos, label):
         for mo, style in zip(mos, ["--", ":", "-.", (0, (5, 2, 1, 2, 1, 2))] * len(mos)):
@@ -345,7 +596,7 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    fig, axes = panels(len(models))  # 1. one panel per model, one line per data size
+    fig, axes = panels(len(models), True)  # 1. one panel per model, one line per data size
     for ax, mo in zip(axes[0], models):
         for d in datas:
             runs = [r for r in rows if (r["model"], r["data"]) == (mo, d) and r.get("val_loss") is not None]
@@ -365,31 +616,46 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
         ax.set_xticks(iters, list(map(kilo, iters)))
         ax.set(title=f"SwinV2-{mo}", xlabel="pre-training iterations", ylabel="validation loss")
     save(fig, axes, "val_loss_vs_iters")
+    # the data axis is the number of images, on a log scale (10 % to IN-22K is a factor of 110); data of
+    # unknown size leave only an order, and then the axis says so
+    images = {r["data"]: r.get("images") for r in rows}
+    known = all(images.get(d) for d in datas)
+    xpos = {d: images[d] if known else i for i, d in enumerate(datas)}
     for m in [m for m in metrics if any(r.get(m) is not None for r in rows)]:
-        fig, axes = panels(len(models))  # 2. one panel per model, one line per training length
+        fig, axes = panels(len(models), True)  # 2. one panel per model, one line per training length
         for ax, mo in zip(axes[0], models):
             for i in iters:
-                xy = [(datas.index(r["data"]), r[m]) for r in rows if (r["model"], r["iters"]) == (mo, i)
-                      and r.get(m) is not None and not r.get("partial")]
-                if xy:
-                    ax.plot(*zip(*xy), "o-", label=f"{kilo(i)} iters")
+                run = [r for r in rows if (r["model"], r["iters"]) == (mo, i) and r.get(m) is not None
+                       and not r.get("partial")]
+                if run:  # error bars: the sd of the downstream runs (seeds) each point is the mean of
+                    sd = [(r.get("seeds", {}).get(m) or (1, None))[1] or 0 for r in run]
+                    ax.errorbar([xpos[r["data"]] for r in run], [r[m] for r in run], yerr=sd, fmt="o-",
+                                capsize=3, label=f"{kilo(i)} iters")
             baseline(ax, m, [mo], "from scratch")
-            ax.set_xticks(range(len(datas)), datas, rotation=30, ha="right", fontsize=8)
-            ax.set(title=f"SwinV2-{mo}", xlabel="pre-training data (by number of images)", ylabel=m)
+            ax.set(title=f"SwinV2-{mo}", ylabel=m, xlabel="pre-training images (log scale)" if known else
+                   "pre-training data (ordered by size, evenly spaced)")
+            if known:
+                ax.set_xscale("log")
+            ax.set_xticks([xpos[d] for d in datas], datas, rotation=30, ha="right", fontsize=8)
+            ax.minorticks_off()
         save(fig, axes, f"{m}_vs_data")
-        fig, axes = panels(2)  # 3. the paper's correlation figure: green and red circles
+        fig, axes = panels(2, False)  # 3. the paper's correlation figure: green and red circles
         for ax, loss in zip(axes[0], ("val_loss", "train_loss")):
-            for flag, color, label in ((False, "green", "not overfitting"), (True, "red", "overfitting")):
-                xy = [(r[loss], r[m]) for r in rows
-                      if r.get("overfit") is flag and r.get(loss) is not None and r.get(m) is not None]
-                if xy:
-                    ax.scatter(*zip(*xy), c=color, alpha=0.7, label=label)
+            for flag, style in ((False, dict(c="green", label="not overfitting")),
+                                (True, dict(c="red", label="overfitting")),
+                                (None, dict(facecolors="none", edgecolors="gray", label="unknown (shortest run)"))):
+                xy = [(r[loss], r[m]) for r in rows if r["iters"] and not r.get("partial")
+                      and r.get("overfit") is flag and r.get(loss) is not None and r.get(m) is not None]
+                sub = corr.get({False: "non_overfit", True: "overfit"}.get(flag), {}).get(loss, {}).get(m)
+                if xy:  # each group's own r in the legend: the table's numbers, on the figure
+                    label = style.pop("label") + (f": r = {fmt(sub['r'], 3)}" if sub else "") + f", n = {len(xy)}"
+                    ax.scatter(*zip(*xy), alpha=0.7, label=label, **style)
             baseline(ax, m, models, "SwinV2-{} from scratch")
             if not ax.collections:  # the paper released no training losses, for one
                 ax.text(0.5, 0.5, f"no runs with a {loss}", ha="center", transform=ax.transAxes)
-            c = corr["all"][loss][m]
+            c, w = corr["all"][loss][m], corr.get("within_model", {}).get(loss, {}).get(m)
             ax.set(xlabel=f"pre-training {loss.replace('_', ' ')}", ylabel=m,
-                   title=f"all runs: r = {fmt(c['r'], 3)}, n = {c['n']}")
+                   title=f"all: r = {fmt(c['r'], 3)}, n = {c['n']}" + (f"\nwithin models: r = {fmt(w['r'], 3)}" if w else ""))
         save(fig, axes, f"{m}_vs_loss")
     return paths
 
@@ -419,14 +685,32 @@ def write_manifest(out, command, inputs, files):
         json.dump(dict(command=command, inputs=inputs, files=sorted(files)), f, indent=1)
 
 
+def check_recipes(src, rows, pool):
+    """Refuse to pool pre-training runs of different recipes in one r, unless asked: their losses measure
+    different things (another image size, mask or validation set moves the loss, not the model)."""
+    recipes = {}
+    for r in rows:
+        if r.get("recipe"):  # a table's rows do not say
+            recipes.setdefault(json.dumps(r["recipe"], sort_keys=True), r)
+    if len(recipes) > 1 and not pool:
+        a, b = list(recipes.values())[:2]
+        raise SystemExit(f"analyze.py: the {src} runs have {len(recipes)} pre-training recipes ({a['run_dir']} and "
+                         f"{b['run_dir']}: {differ(a['recipe'], b['recipe'])}); analyze them separately, or pass "
+                         "--pool_recipes")
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description="Tables, overfitting, correlations and figures from runs.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run dirs of mim.py and of the downstream scripts; globs allowed "
                    "(default out/*)")
     p.add_argument("--csv", help="a table: model,data,iters,train_loss,val_loss and one column per metric")
     p.add_argument("--paper", action="store_true", help="add the authors' 63 released runs (paper_runs.csv)")
     p.add_argument("--out", help="folder for tables.md, runs.csv, correlations.json, PNGs (default analysis, "
                    "analysis/paper for --paper alone); refused if it holds another analysis")
+    p.add_argument("--overfit_tol", type=float, default=None, help="the rise of the val loss that counts as "
+                   "overfitting; default: the losses' own spread (see above)")
+    p.add_argument("--pool_recipes", action="store_true", help="pool pre-training runs of different recipes "
+                   "(image size, window, mask, target normalisation, validation set) in one r")
     return p
 
 
@@ -438,15 +722,19 @@ def main(argv=None):
     inputs = dict(runs=sorted({rel(p) for p in patterns}), csv=args.csv and rel(args.csv), paper=args.paper)
     command = shlex.join(["analyze.py"] + (sys.argv[1:] if argv is None else argv))
     old_files = own_files(out, inputs)
-    rows = load_runs(patterns) + (load_csv(args.csv) if args.csv else [])
+    left_out = []  # (what, why, its metrics): every input that counts nowhere, named
+    rows = load_runs(patterns, left_out) + (load_csv(args.csv) if args.csv else [])
     rows += load_csv(PAPER_CSV, source="paper") if args.paper else []
     if not rows:
         raise SystemExit(f"analyze.py: no runs found in {' '.join(patterns) or args.csv}; "
                          "pass run directories, --csv FILE or --paper")
+    rows = one_per_run(rows, left_out)
+    sources = sorted({r["source"] for r in rows}, key=lambda s: (s == "paper", s != "ours", s))  # ours first
+    for src in sources:  # before anything is written
+        check_recipes(src, [r for r in rows if r["source"] == src], args.pool_recipes)
     os.makedirs(out, exist_ok=True)
     write_manifest(out, command, inputs, old_files)  # claims the folder before writing into it
     written = ["tables.md", "runs.csv"]
-    sources = sorted({r["source"] for r in rows}, key=lambda s: (s == "paper", s))
     report, in_order = [], []
     # ours and the paper's side by side, never mixed in one statistic: our losses come from
     # another validation protocol (and maybe tiny models), so a pooled r would mean nothing
@@ -455,27 +743,38 @@ def main(argv=None):
         models, datas = ordered(sub)
         metrics = sorted({k for r in sub for k in r if k not in META})
         pre = [r for r in sub if r["iters"]]  # from scratch (0 iterations): no pre-training loss to judge
-        overfit = find_overfitting(pre)  # flags the rows; the correlation subsets need it first
-        corr = correlations(pre, metrics)
+        tol, tol_text = (args.overfit_tol, "--overfit_tol") if args.overfit_tol is not None else tolerance(pre)
+        overfit = find_overfitting(pre, tol)  # flags the rows; the correlation subsets need it first
+        corr, rules = correlations(pre, metrics), overfit_rules(pre, metrics, tol)
+        unfinished = [r.get("run_dir") or f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in pre if r.get("partial")]
+        if unfinished:
+            note(f"{len(unfinished)} unfinished {src} run(s) left out of the correlations: {', '.join(unfinished)}")
         suffix = "" if src == sources[0] else f"_{src}"  # the first source gets the plain file names
         written.append(f"correlations{suffix}.json")
         with open(os.path.join(out, written[-1]), "w") as f:
-            json.dump(corr, f, indent=1)
+            json.dump(dict(corr, overfit_tolerance=tol, overfit_rules=rules), f, indent=1)
         pngs = figures(sub, models, datas, metrics, corr, out, suffix)
         written += [os.path.basename(p) for p in pngs]
-        report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr)
+        report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text)
                       + "\n\nFigures: " + ", ".join(pngs) + "\n")
         in_order += sub
+    if left_out:
+        values = lambda v: ", ".join(f"{k} {x:.2f}" for k, x in v.items())
+        report.append(f"## Left out ({len(left_out)})\n\n" + md_table(["run", "why", "its metrics"],
+                                                                     [[d, why, values(v)] for d, why, v in left_out]) + "\n")
     print("\n".join(report))
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write("\n".join(report))
     metrics = sorted({k for r in in_order for k in r if k not in META})
     # flags as 0/1, 500000.0 as 500000, a missing value as an empty cell
     whole = lambda v: isinstance(v, bool) or (isinstance(v, float) and v.is_integer())
-    cell = lambda v: "" if v is None else int(v) if whole(v) else v
+    fmt_cell = lambda v: "" if v is None else int(v) if whole(v) else v
+    header = CSV_COLS + [m + s for m in metrics for s in ("",) + SEED_COLS]
+    seeds = lambda r, m: list(r.get("seeds", {}).get(m, (None, None)))
     with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([CSV_COLS + metrics] + [[cell(r.get(c)) for c in CSV_COLS + metrics]
-                                                        for r in in_order])
+        csv.writer(f).writerows([header] + [[fmt_cell(v) for v in [r.get(c) for c in CSV_COLS]
+                                             + [x for m in metrics for x in [r.get(m)] + seeds(r, m)]]
+                                            for r in in_order])
     for f in set(old_files) - set(written):  # e.g. the figures of a metric that is gone since
         if os.path.isfile(os.path.join(out, f)):
             os.remove(os.path.join(out, f))

@@ -56,7 +56,9 @@ def test_paper_runs(tmp_path, capsys, no_figures):
     assert round(corr["all"]["val_loss"]["in1k_top1"]["r"], 2) == -0.79  # paper.md section 5d
     assert corr["all"]["train_loss"]["in1k_top1"] == {"r": None, "n": 0}  # not released
     n_over = corr["overfit"]["val_loss"]["in1k_top1"]["n"]
-    assert n_over == 14 and n_over + corr["non_overfit"]["val_loss"]["in1k_top1"]["n"] == 63
+    # the 21 shortest runs (one per model and data) have no shorter run to be compared with: unknown, in
+    # neither subset (they used to count as not overfitting, 14 + 49 = 63)
+    assert n_over == 14 and corr["non_overfit"]["val_loss"]["in1k_top1"]["n"] == 63 - 14 - 21
     with open(tmp_path / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 63
     out = capsys.readouterr().out
@@ -86,13 +88,14 @@ def fake_runs(root, run_dir, **pretrained):
     write_run(root / "B_frac0.1", args, log, bad_line=True, summary=dict(
         kind="pretrain", model="B", data="imagenet", frac=0.1, iters=100, subset_size=128117,
         subset_hash="abc", step=100, train_loss=0.65, val_loss=0.70))
-    write_run(root / "B_synthetic", dict(args, data="synthetic"), log, summary=dict(
+    # validated on the same images as its twin, so the two may be pooled in one r (the same recipe)
+    write_run(root / "B_synthetic", dict(args, data="synthetic", val_data="data/imagenet/val"), log, summary=dict(
         kind="pretrain", model="B", data="synthetic", frac=0.1, iters=100, subset_size=1000,
         subset_hash="def", step=100, train_loss=0.30, val_loss=0.90))
     write_run(root / "B_frac0.5", dict(args, frac=0.5, iters=200), log[:2])  # no summary: in progress
     write_run(root / "ft_B", {"task": "in1k"}, [{"epoch": 0, "step": 5, "top1": 60.0, "top5": 80.0}], dict(
         kind="finetune", task="in1k", best_top1=61.5, best_top5=85.0, last_top1=61.0, last_top5=84.0,
-        pretrained=dict(path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100,
+        pretrained=dict(path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100, step=100,
                         val_loss=0.70, **pretrained)))
 
 
@@ -124,7 +127,7 @@ def test_several_fine_tunings_of_one_run_give_their_mean(tmp_path):
     for seed, (top1, top5) in enumerate([(58.0, 83.0), (64.0, 90.0)], start=1):
         write_run(tmp_path / "out" / f"ft_B_s{seed}", {"task": "in1k"}, [], dict(
             kind="finetune", task="in1k", best_top1=top1, best_top5=top5, pretrained=dict(
-                path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100)))
+                path=f"{run_dir}/ckpt.pt", run_dir=run_dir, model="B", frac=0.1, iters=100, step=100)))
     rows = {r["data"]: r for r in analyze.load_runs([str(tmp_path / "out" / "*")])}
     r = rows["imagenet 10%"]
     assert r["in1k_top1"] == pytest.approx((61.5 + 58.0 + 64.0) / 3) and r["in1k_top5"] == pytest.approx(86.0)
@@ -137,7 +140,7 @@ def test_figures_and_outputs_with_the_paper_alongside(tmp_path, capsys):
     analyze.main([str(tmp_path / "out" / "*"), "--paper", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "## ours runs (3)" in printed and "## paper runs (63)" in printed
-    assert "0.7000 / 0.6500" not in printed and "0.6500 / 0.7000 / 61.50 / 85.00" in printed
+    assert "0.7000 / 0.6500" not in printed and "0.6500 / 0.7000 / 61.50 (n=1) / 85.00 (n=1)" in printed
     for name in ["val_loss_vs_iters", "in1k_top1_vs_data", "in1k_top1_vs_loss", "in1k_top5_vs_loss",
                  "val_loss_vs_iters_paper", "in1k_top1_vs_loss_paper"]:
         png = (out / f"{name}.png").read_bytes()
@@ -192,7 +195,8 @@ def test_bad_inputs_give_one_line_messages(tmp_path, capsys):
 def downstream_run(d, kind, task, model="B", run_dir=None, **metrics):
     """A summary.json of finetune.py (best_top1/best_top5, or a metrics dict), detect.py or segment.py;
     run_dir None: from scratch (--pretrained none)."""
-    pretrained = dict(path=run_dir and f"{run_dir}/ckpt.pt", run_dir=run_dir, model=run_dir and model)
+    pretrained = dict(path=run_dir and f"{run_dir}/ckpt.pt", run_dir=run_dir, model=run_dir and model,
+                      step=run_dir and 100)  # the final step of fake_runs' runs
     summary = dict(kind=kind, task=task, model=model, pretrained=pretrained)
     summary.update(metrics if kind == "finetune" and "best_top1" in metrics else dict(metrics=metrics))
     write_run(d, dict(task=task, pretrained=pretrained), [], summary)
@@ -271,3 +275,190 @@ def test_an_analysis_owns_its_folder(tmp_path, monkeypatch):
     assert not (ours / "ade20k_miou_vs_data.png").exists() and (ours / "in1k_top1_vs_data.png").exists()
     assert (ours / "todo.txt").read_text() == "mine" and (ours / "paper" / "tables.md").exists()
     assert "ade20k" not in (ours / "tables.md").read_text()
+
+
+# ---------------------------------------------------------------------- issue 27: what may enter an r
+
+def pretrain_run(d, model="B", data="data/imagenet", frac=0.1, iters=100, step=None, val=0.70, train=0.60,
+                 log=None, finished=True, **recipe):
+    """A mim.py run directory: summary.json at `step` (default: its last step) unless unfinished;
+    recipe fields go into args.json's identity, as mim.py writes them (resolved values)."""
+    args = dict(model=model, data=data, frac=frac, iters=iters, identity=dict(model=model, **recipe))
+    log = log if log is not None else [{"step": iters, "train_loss": train}, {"step": iters, "val_loss": val}]
+    write_run(d, args, log, dict(kind="pretrain", model=model, data=data.split("/")[-1], frac=frac, iters=iters,
+                                 subset_size=1000, subset_hash="h", step=iters if step is None else step,
+                                 train_loss=train, val_loss=val) if finished else None)
+    return str(d)
+
+
+def finetune_run(d, run_dir, top1, step, model="B", val_loss=0.70, task="in1k", data="data/imagenet", **identity):
+    """A finetune.py run directory started from step `step` of run_dir (None: an official checkpoint)."""
+    pretrained = dict(path=f"{run_dir or '/ckpts/official'}/ckpt.pt", run_dir=run_dir, model=model, frac=0.1,
+                      iters=100, data="imagenet", step=step, val_loss=val_loss)
+    write_run(d, dict(task=task, pretrained=pretrained, identity=dict(identity, seed=0)), [], dict(
+        kind="finetune", task=task, model=model, data=data, best_top1=top1, best_top5=90.0, pretrained=pretrained))
+
+
+def test_a_fine_tune_counts_only_from_the_final_checkpoint_of_its_own_run(tmp_path, capsys, no_figures):
+    out = tmp_path / "out"
+    run = pretrain_run(out / "B", iters=10, val=0.5)  # 10 steps
+    finetune_run(out / "ft_final", run, 13.2, step=10, val_loss=0.5)
+    finetune_run(out / "ft_step5", run, 0.0, step=5, val_loss=0.9)  # an intermediate checkpoint: listed, not averaged
+    finetune_run(out / "ft_moved", "/gone/B", 13.2, step=10, val_loss=0.5)  # the folder moved: same val loss
+    finetune_run(out / "ft_other", "/gone/B2", 70.0, step=10, val_loss=0.61)  # another run of the same cell
+    finetune_run(out / "ft_official", None, 80.0, step=None)
+    for d in ("ft_moved", "ft_other"):  # the moved ones name a 10-step run too
+        s = json.loads((out / d / "summary.json").read_text())
+        s["pretrained"]["iters"] = 10
+        (out / d / "summary.json").write_text(json.dumps(s))
+    analyze.main([str(out / "*"), "--out", str(tmp_path / "a")])
+    printed, err = capsys.readouterr()
+    with open(tmp_path / "a" / "runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["in1k_top1"], row["in1k_top1_seeds"]) == ("13.2", "2")  # final and moved; not (13.2 + 0) / 2 = 6.6
+    assert "/gone/B (not among the inputs) taken to be" in err
+    left = printed.split("## Left out (3)")[1]
+    assert "ft_step5 | started from step 5 of" in left and "not its final checkpoint | in1k_top1 0.00" in left
+    assert "ft_other | pre-training run /gone/B2 not found;" in left and "another final val loss" in left
+    assert "ft_official | /ckpts/official/ckpt.pt is not a mim.py run directory" in left
+    assert "ft_step5: started from step 5" in err  # every one named on stderr too
+
+
+def test_one_row_per_run_and_a_finished_run_beats_an_unfinished_one(tmp_path, capsys, no_figures):
+    analyze.main(["--paper", "--out", str(tmp_path / "p")])
+    analyze.main(["--csv", str(tmp_path / "p" / "runs.csv"), "--paper", "--out", str(tmp_path / "twice")])
+    corr = json.loads((tmp_path / "twice" / "correlations.json").read_text())
+    assert corr["all"]["val_loss"]["in1k_top1"]["n"] == 63  # not 126
+    printed, err = capsys.readouterr()
+    assert "63 duplicate run(s) left out" in err and "| paper S IN-1K 10% 125K | a duplicate of paper S IN-1K 10% " \
+        "125K (same losses) |" in printed
+    out = tmp_path / "out"
+    pretrain_run(out / "B_a", val=0.9, finished=False, log=[{"step": 40, "train_loss": 0.95}, {"step": 40, "val_loss": 0.9}])
+    pretrain_run(out / "B_b", val=0.7, train=0.6)  # the same model, data and length, finished
+    analyze.main([str(out / "*"), "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    assert "| B | imagenet 10% | 0.6000 / 0.7000 |" in printed and "0.9000" not in printed.split("## Left out")[0]
+    assert f"| {out / 'B_a'} | a duplicate of {out / 'B_b'} |" in printed
+
+
+def test_the_overfitting_rule_tolerance_unknowns_and_alternatives(tmp_path):
+    # the noise estimate: 0 on a straight line, the noise's deviation on a noisy one
+    line = [(s, 0.5 - 1e-5 * s) for s in range(20)]
+    assert analyze.curve_noise(line) == pytest.approx(0, abs=1e-12) and analyze.curve_noise(line[:2]) is None
+    noisy = [(s, 0.5 - 1e-5 * s + e) for s, e in enumerate(np.random.default_rng(0).normal(0, 0.002, 4001))]
+    assert analyze.curve_noise(noisy) == pytest.approx(0.002, rel=0.05)
+    # +0.0010 within a spread of 0.001 per loss is no rise; +0.02 is. The shortest runs are unknown
+    rows = [dict(source="ours", model="B", data=d, iters=i, val_loss=v, val_noise=0.001, in1k_top1=t)
+            for d, vs in (("10%", [(0.5000, 80.0), (0.5010, 80.5)]), ("20%", [(0.50, 81.0), (0.52, 80.0)]))
+            for i, (v, t) in zip((125000, 250000), vs)]
+    tol, why = analyze.tolerance(rows)
+    assert tol == pytest.approx(2 * np.sqrt(2) * 0.001) and "median noise" in why
+    assert analyze.find_overfitting(rows, tol) == {("ours", "B", "20%"): [250000]}
+    assert [r["overfit"] for r in rows] == [None, False, None, True]
+    assert analyze.find_overfitting(rows, 0.0) == {("ours", "B", "10%"): [250000], ("ours", "B", "20%"): [250000]}
+    rules = analyze.overfit_rules(rows, ["in1k_top1"], tol)
+    whole = rules["whole model-data groups with a rise"]["val_loss"]["in1k_top1"]
+    assert (whole["overfit"]["n"], whole["non_overfit"]["n"]) == (2, 2)
+    # the paper's losses have 4 decimals: a tolerance of 0.0001, and the rule is stated in --help
+    assert analyze.tolerance(analyze.load_csv(analyze.PAPER_CSV, source="paper"))[0] == pytest.approx(1e-4)
+    assert "The shortest run of a model and data has nothing to be compared with: unknown" in \
+        " ".join(analyze.get_parser().format_help().split())
+
+
+def test_unfinished_runs_are_marked_and_left_out_of_the_correlations(tmp_path, capsys, no_figures):
+    out = tmp_path / "out"
+    for i, (v, t) in enumerate([(0.60, 70.0), (0.55, 72.0), (0.50, 75.0)]):
+        run = pretrain_run(out / f"B_{i}", frac=0.1 * (i + 1), val=v)
+        finetune_run(out / f"ft_{i}", run, t, step=100, val_loss=v)
+    # a run that wrote its summary.json at step 50 of 100 (issue 22: it entered the table as a normal row),
+    # its own log flagged overfitting (mim.py's live check)
+    log = [{"step": 50, "train_loss": 0.3}, {"step": 50, "val_loss": 0.4, "overfitting": True}]
+    pretrain_run(out / "B_cut", frac=0.5, step=50, val=0.4, train=0.3, log=log)
+    analyze.main([str(out / "*"), "--out", str(tmp_path / "a")])
+    printed, err = capsys.readouterr()
+    assert "B_cut: unfinished (summary.json at step 50 of 100)" in err
+    assert "1 unfinished ours run(s) left out of the correlations" in err
+    assert "| B | imagenet 50% | 0.3000 / 0.4000 / — / —* |" in printed
+    corr = json.loads((tmp_path / "a" / "correlations.json").read_text())
+    assert corr["all"]["val_loss"]["in1k_top1"] == {"r": pytest.approx(np.corrcoef([.6, .55, .5], [70, 72, 75])[0, 1]), "n": 3}
+    with open(tmp_path / "a" / "runs.csv") as f:
+        live = {r["data"]: (r["overfitting_live"], r["partial"]) for r in csv.DictReader(f)}
+    assert live["imagenet 50%"] == ("1", "1") and live["imagenet 10%"] == ("", "0")
+    assert "Flagged by their own log (the val loss rose at two evaluations in a row): B imagenet 50% 100" in printed
+
+
+def test_pooling_per_model_within_models_recipes_and_sources(tmp_path, capsys, no_figures):
+    table = tmp_path / "mine.csv"  # no source column: its own source, never "ours"
+    grid = [("S", 0.50, 80.0), ("S", 0.48, 81.0), ("S", 0.47, 80.5), ("L", 0.45, 84.0), ("L", 0.44, 84.5),
+            ("L", 0.46, 84.6)]
+    table.write_text("model,data,iters,train_loss,val_loss,in1k_top1\n" + "".join(
+        f"{m},d{i},100,,{v},{t}\n" for i, (m, v, t) in enumerate(grid)))
+    out = tmp_path / "out"
+    pretrain_run(out / "B_64", img_size=64, window=4)
+    analyze.main([str(out / "*"), "--csv", str(table), "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    assert "## ours runs (1)" in printed and "## mine runs (6)" in printed
+    corr = json.loads((tmp_path / "a" / "correlations_mine.json").read_text())  # ours first, plain names
+    x, y = np.array([[v, t] for _, v, t in grid]).T
+    assert corr["all"]["val_loss"]["in1k_top1"]["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert corr["model S"]["val_loss"]["in1k_top1"]["r"] == pytest.approx(np.corrcoef(x[:3], y[:3])[0, 1])
+    dx = np.r_[x[:3] - x[:3].mean(), x[3:] - x[3:].mean()]
+    dy = np.r_[y[:3] - y[:3].mean(), y[3:] - y[3:].mean()]
+    within = corr["within_model"]["val_loss"]["in1k_top1"]
+    assert within["r"] == pytest.approx(np.corrcoef(dx, dy)[0, 1]) and (within["n"], within["models"]) == (6, 2)
+    assert "| within models | val_loss |" in printed
+    # another image size in the same source: refused before anything is written, unless asked
+    pretrain_run(out / "B_192", frac=0.5, img_size=192, window=12)
+    with pytest.raises(SystemExit, match=r"2 pre-training recipes .*img_size 192 vs 64, .*window 12 vs 4.*--pool_recipes"):
+        analyze.main([str(out / "*"), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+    analyze.main([str(out / "*"), "--pool_recipes", "--out", str(tmp_path / "b")])
+
+
+def test_seeds_are_counted_and_other_recipes_not_averaged(tmp_path, capsys, no_figures):
+    out = tmp_path / "out"
+    run = pretrain_run(out / "B")
+    for seed, top1 in enumerate([61.5, 58.0, 64.0]):
+        finetune_run(out / f"ft_s{seed}", run, top1, step=100, epochs=100)
+    finetune_run(out / "ft_short", run, 40.0, step=100, epochs=3)  # another recipe: never in the mean
+    analyze.main([str(out / "*"), "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    sd = np.std([61.5, 58.0, 64.0], ddof=1)
+    assert f"| B | imagenet 10% | 0.6000 / 0.7000 / 61.17 (n=3, sd {sd:.2f}) / 90.00 (n=3, sd 0.00) |" in printed
+    assert "ft_short | another in1k recipe than 3 other run(s): epochs 3 vs 100 | in1k_top1 40.00" in printed
+    with open(tmp_path / "a" / "runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["in1k_top1_seeds"], float(row["in1k_top1_sd"])) == ("3", pytest.approx(sd))
+    again = analyze.load_csv(tmp_path / "a" / "runs.csv")  # and they read back
+    assert again[0]["seeds"]["in1k_top1"] == (3, pytest.approx(sd))
+
+
+def test_metric_columns_are_named_by_the_dataset_kind(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = pretrain_run(out / "B")
+    finetune_run(out / "ft_imagenet", run, 61.0, step=100, task="imagenet", data_classes=1000)  # finetune.py's default: the folder
+    finetune_run(out / "ft_ilsvrc", run, 62.0, step=100, task="ilsvrc_sub", data="/x/ilsvrc_sub/", data_classes=1000)
+    finetune_run(out / "ft_mine", run, 30.0, step=100, task="mytask", data="data/foo", data_classes=1000)  # --task
+    rows = analyze.load_runs([str(out / "*")])
+    assert rows[0]["in1k_top1"] == 61.5 and rows[0]["mytask_top1"] == 30.0 and "imagenet_top1" not in rows[0]
+    assert "task names as in the paper: ilsvrc_sub -> in1k, imagenet -> in1k" in capsys.readouterr().err
+
+
+def test_figures_say_what_the_tables_say(tmp_path, monkeypatch):
+    figs, close = [], analyze.plt.close
+    monkeypatch.setattr(analyze.plt, "close", figs.append)  # keep them open to look inside
+    analyze.main(["--paper", "--out", str(tmp_path)])
+    monkeypatch.undo()
+    val, data, loss = figs
+    a = val.axes
+    assert a[0].get_shared_y_axes().joined(a[0], a[4])  # one y scale for the five models
+    assert data.axes[0].get_xscale() == "log" and "images (log scale)" in data.axes[0].get_xlabel()
+    assert data.axes[0].get_shared_y_axes().joined(data.axes[0], data.axes[3])
+    ax = loss.axes[0]
+    assert ax.get_title() == "all: r = -0.786, n = 63\nwithin models: r = -0.852"
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 63  # every run counted is drawn
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["not overfitting: r = -0.958, n = 28", "overfitting: r = -0.799, n = 14",
+                      "unknown (shortest run), n = 21"]
+    for f in figs:
+        close(f)
