@@ -125,7 +125,7 @@ def file_cells(path):
     cells = []
     for i, row in enumerate(rows, 1):
         try:
-            if None in row.values() or None in row:
+            if None in row or any(row[k] is None for k in ("model", "data", "frac", "iters")):
                 raise ValueError("wrong number of fields")
             num = lambda key, kind: kind(row[key]) if row.get(key, "").strip() else None
             cells.append(cell(row["model"].strip(), row["data"].strip(), num("frac", float), num("iters", int),
@@ -279,11 +279,12 @@ def build_jobs(cells, opt, out, seeds, scratch):
         out_dir = os.path.join(out, "runs", name)
         flags = ["--model", c["model"], "--data", data, *(e.format(root=root) for e in extra), "--frac", f"{c['frac']:g}",
                  "--iters", str(c["iters"]), "--out_dir", out_dir]
-        world = opt.nodes * gpus
+        world, user = opt.nodes * gpus, shlex.split(opt.pretrain_args)
         if c["model"] in PAPER_SIZES:  # a first micro-batch that fits (README), never more than the batch allows
-            flags += ["--micro_batch", str(max(1, min(MICRO_BATCH[c["model"]], 2048 // world)))]
+            batch = int(flag(user, "--batch_size", 2048))
+            flags += ["--micro_batch", str(max(1, min(MICRO_BATCH[c["model"]], batch // world)))]
             flags += ["--grad_ckpt"] if c["model"] in GRAD_CKPT else []
-        pre = dict(name=name, script="mim.py", flags=flags + shlex.split(opt.pretrain_args), out_dir=out_dir, after=None,
+        pre = dict(name=name, script="mim.py", flags=flags + user, out_dir=out_dir, after=None,
                    model=c["model"], task=None, nodes=opt.nodes, world=world, iters=c["iters"],
                    subset=round(c["frac"] * c["images"]) if c["images"] else None)
         jobs.append(pre)
