@@ -127,9 +127,9 @@ def file_cells(path):
         try:
             if None in row or any(row[k] is None for k in ("model", "data", "frac", "iters")):
                 raise ValueError("wrong number of fields")
-            num = lambda key, kind: kind(row[key]) if row.get(key, "").strip() else None
-            cells.append(cell(row["model"].strip(), row["data"].strip(), num("frac", float), num("iters", int),
-                              num("images", int), (row.get("tasks") or "").split()))
+            images = int(row["images"]) if (row.get("images") or "").strip() else None
+            cells.append(cell(row["model"].strip(), row["data"].strip(), float(row["frac"]), int(row["iters"]), images,
+                              (row.get("tasks") or "").split()))
         except (ValueError, TypeError) as e:
             raise ValueError(f"--grid {path}, row {i} ({','.join(v or '' for v in row.values())}): {e}") from None
     return cells
@@ -315,11 +315,11 @@ def plan(jobs, opt):
         print(f"{job['name']:<40} {c['images'] / 1e6:>8.1f}M {epochs:>8} {c['gflop']:>9.1f} {hours:>9.1f}  {source:<8} "
               f"{shlex.join([job['script']] + job['flags'])}")
     kinds = ["pretrain"] + [t for t in TASKS if any(job["task"] == t for job in jobs)]
-    models = [m for m in SIZES if any(job["model"] == m for job in jobs)]
+    models, nothing = [m for m in SIZES if any(job["model"] == m for job in jobs)], "-"
     print(f"\nGPU-hours {''.join(f'{k:>12}' for k in kinds)}{'all':>12}")
     for m in models + ["all"]:
         cells = [[h for job, _, h, _ in rows if (job["task"] or "pretrain") == k and m in (job["model"], "all")] for k in kinds]
-        print(f"{m:<9} {''.join(f'{sum(h):>12.1f}' if h else f'{chr(45):>12}' for h in cells)}{sum(map(sum, cells)):>12.1f}")
+        print(f"{m:<9} {''.join(f'{sum(h):>12.1f}' if h else f'{nothing:>12}' for h in cells)}{sum(map(sum, cells)):>12.1f}")
     print(f"\nFLOPs: training FLOPs per image (forward + backward, as FlopCounterMode counts them) x images / "
           f"({opt.mfu:g} x {opt.peak_tflops:g} TFLOPS) (--mfu, --peak_tflops)." +
           (f" measured: images / img/s of {opt.bench}, one GPU's rate scaled linearly." if rates else "") +
@@ -331,15 +331,16 @@ def plan(jobs, opt):
 # -----------------------------------------------------------------------------
 # launch on SLURM: one sbatch file per run, submit.sh in order
 #
-# Why the job file looks like this (what a user writing it by hand gets wrong):
-# - The time limit ends a job with SIGTERM and, KillWait (30 s) later, SIGKILL, to every process; the batch
-#   shell's srun turns its own SIGTERM into SIGKILL of its tasks at once (Slurm's src/srun/signals.c: SIGTERM is
-#   "forcing job termination"), so nothing can be saved then. Hence a warning: --signal=B:USR1@N sends USR1 to
-#   this shell only, N s earlier (up to 60 s more: Slurm's event resolution).
-# - The shell passes it on as SIGTERM to the job step with `scancel --signal=TERM` (which spares the batch step:
-#   srun never sees it). Every process of the step gets it: torchrun, which forwards it to its ranks and waits
-#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (30 by default: too short to save a 1B model) before SIGKILL; each mim.py
-#   rank, which saves ckpt.pt at the end of the step and exits; data workers, which ignore it (data.py).
+# Why the job file looks like this (what a user writing it by hand gets wrong; Slurm's source read at 284c3b9):
+# - At the time limit slurmd sends SIGTERM to the job step, then to every step, the batch shell and its srun
+#   included, and SIGKILL KillWait (30 s) later (src/slurmd/slurmd/req.c). srun answers SIGTERM by SIGKILL-ing
+#   its tasks at once (src/srun/signals.c: "forcing job termination"): nothing can be saved then. Hence a
+#   warning: --signal=B:USR1@N sends USR1 to this shell only, N s earlier (up to 60 s more: Slurm's resolution).
+# - The shell passes it on as SIGTERM to the job step with `scancel --signal=TERM`, which signals the job's steps
+#   but not the batch step (srun never sees it). Every process of the step gets it: torchrun, which forwards it
+#   to its ranks and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (30 by default: too short to save a 1B model) before
+#   SIGKILL; each mim.py rank, which saves ckpt.pt at the end of the step and exits; data workers, which ignore
+#   it (data.py).
 # - Then `scontrol requeue` puts the job back in the queue under the same id (needs --requeue): the same script
 #   and command run again and mim.py resumes from ckpt.pt. A requeued job is PENDING again, not finished, so its
 #   afterok dependents keep waiting (Slurm's job_mgr.c). It requeues only if the log moved on: a hung run
@@ -397,7 +398,7 @@ def sbatch_file(job, opt, out):
                f'--rdzv_id "$SLURM_JOB_ID" {shlex.join([job["script"]] + job["flags"])}')
     extra = [f"#SBATCH --{k}={v}" for k, v in (("partition", opt.partition), ("account", opt.account), ("qos", opt.qos)) if v]
     extra += [f"#SBATCH {a}" for a in opt.sbatch] + (["#SBATCH --kill-on-invalid-dep=yes"] if job["after"] else [])
-    what = f"SimMIM pre-training" if job["task"] is None else f"{job['task']} fine-tuning after {job['after'] or 'none (from scratch)'}"
+    what = "SimMIM pre-training" if job["task"] is None else f"{job['task']} fine-tuning after {job['after'] or 'none (from scratch)'}"
     values = dict(name=job["name"], what=what, nodes=job["nodes"], gpus=gpus, cpus=gpus * opt.cpus_per_gpu, time=opt.time,
                   logs=shlex.quote(os.path.join(out, "logs")), warn=opt.signal_time, extra="\n".join(extra), root=shlex.quote(ROOT),
                   out_dir=shlex.quote(job["out_dir"]), command=command)
@@ -438,8 +439,9 @@ def run_local(jobs, opt):
         if os.path.exists(os.path.join(job["out_dir"], "summary.json")):
             print(f"complete: {job['name']}", flush=True)
             continue
-        launcher = [sys.executable] if gpus == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(gpus)]
-        print(f"$ {shlex.join(launcher[1:] + [job['script']] + job['flags']) if gpus > 1 else shlex.join(['python', job['script']] + job['flags'])}", flush=True)
+        launcher = ["python"] if gpus == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(gpus)]
+        print(f"$ {shlex.join(launcher + [job['script']] + job['flags'])}", flush=True)
+        launcher[0] = sys.executable if gpus == 1 else launcher[0]  # this interpreter (its virtual environment)
         child = subprocess.Popen(launcher + [job["script"]] + job["flags"], cwd=ROOT)
         previous = signal.signal(signal.SIGTERM, lambda s, f: (stop.append(s), child.send_signal(signal.SIGTERM)))
         while True:
@@ -460,12 +462,12 @@ def run_local(jobs, opt):
 
 
 def launch(jobs, opt, out):
+    """Write grid.json (the runs, for status) and, for SLURM, the job files and submit.sh; or run the grid here."""
     for job in jobs:
-        if opt.executor == "slurm":
-            batch = cost(job)["batch"]
-            if batch % job["world"]:
-                raise ValueError(f"--nodes/--ft_nodes x --gpus_per_node = {job['world']} processes do not divide the global "
-                                 f"batch {batch} of {job['name']}: use a divisor of it")
+        batch = cost(job)["batch"]
+        if batch % job["world"]:
+            raise ValueError(f"--nodes/--ft_nodes x --gpus_per_node = {job['world']} processes do not divide the global "
+                             f"batch {batch} of {job['name']}: use a divisor of it")
     manifest = dict(grid=opt.grid, executor=opt.executor, created=time.strftime("%Y-%m-%d %H:%M:%S"),
                     jobs=[dict(name=j["name"], script=j["script"], task=j["task"], model=j["model"], after=j["after"],
                                out_dir=j["out_dir"], iters=j.get("iters"), command=shlex.join([j["script"]] + j["flags"]))
@@ -481,7 +483,7 @@ def launch(jobs, opt, out):
             for job in jobs:
                 print(shlex.join(["python", job["script"]] + job["flags"]))
         return 0
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(out, "logs" if opt.executor == "slurm" else ""), exist_ok=True)  # SLURM's output files
     for path, text in files.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -575,8 +577,8 @@ def describe(run_dir, iters=None):
     files = ("args.json", "log.jsonl", "ckpt.pt", "summary.json", ".lock")
     if not any(os.path.exists(os.path.join(run_dir, f)) for f in files):
         return dict(state="missing")
-    args, summary, rows = read_json(os.path.join(run_dir, "args.json")) or {}, read_json(os.path.join(run_dir, "summary.json")), log_rows(run_dir)
-    identity = args.get("identity") or {}
+    args = read_json(os.path.join(run_dir, "args.json")) or {}
+    summary, rows, identity = read_json(os.path.join(run_dir, "summary.json")), log_rows(run_dir), args.get("identity") or {}
     iters = args.get("iters") or identity.get("iters") or iters
     batch, world = identity.get("batch_size") or args.get("batch_size"), args.get("world_size") or 1
     train = [r for r in rows if "train_loss" in r]
@@ -638,7 +640,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the usage of three sub-commands is long)."""
 
     def error(self, message):
-        sys.exit(f"error: {message} (see: python study.py {self.prog.split()[-1] if ' ' in self.prog else ''} --help)")
+        sys.exit(f"error: {message} (see: python {self.prog} --help)")
 
 
 def positive(kind):
