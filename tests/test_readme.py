@@ -37,7 +37,7 @@ def test_readme_torchrun_lines_parse_with_torchrun_itself():
     that matches two options (--nproc: --nproc-per-node or --nproc_per_node), so a README line must spell it."""
     from torch.distributed.run import get_args_parser
     texts = [open(os.path.join(ROOT, f)).read() for f in ("README.md", "mim.py", "finetune.py", "detect.py", "segment.py")]
-    lines = [line for text in texts for line in text.replace("\\\n", " ").splitlines() if re.match(r"\s*torchrun ", line)]
+    lines = [line for text in texts for line in text.replace("\\\n", " ").splitlines() if re.match(r"\s*torchrun --", line)]
     assert len(lines) >= 5, lines
     for line in lines:
         words = shlex.split(line.split("#")[0].replace("$HOST", "localhost"))
