@@ -14,11 +14,14 @@ while they wait count too, and on a busy machine they spin long: compare with OM
 
 The GPU report (--what gpu) measures, on one CUDA GPU, what the README needs and no test can: img/s
 and peak memory of mim.py's training step for S, B, L (eager and torch.compile) and H, g (grad
-checkpointing), the largest micro-batch of each size, model FLOPs and MFU, bf16 vs fp32, the SDPA
-kernel of our window attention and its bias-gradient memory, a fine-tuning step, the data pipeline.
-It keeps to --budget seconds (a phase that would not fit is skipped and says so) and rewrites its
-JSON and markdown after every phase, so a run cut short keeps what it measured. The test suite runs
-the same functions on a CPU at tiny sizes.
+checkpointing), the largest micro-batch of each size, model FLOPs and MFU, bf16 vs fp32, a fine-tuning
+step, the data pipeline, and last the SDPA kernel of our window attention and its bias-gradient memory.
+It keeps to --budget seconds (a phase that would not fit is skipped, a long one stops between its
+measurements, and both say so) and rewrites its JSON and markdown before and after every phase, so a run
+cut short keeps what it measured and names the phase it was in. It is written to survive its first run:
+an error other than memory in one measurement loses that measurement (a phase, at worst), and the thread
+count and TF32 flags are put back after every phase. The test suite runs the same functions on a CPU at
+tiny sizes.
 """
 import argparse
 import contextlib
@@ -244,7 +247,7 @@ GPU_PLAN = dict(
     cap=512,                    # the largest-micro-batch search stops here
     sizes=("B", "S", "L", "H", "g"),
     ckpt=("H", "g"),            # measured with --grad_ckpt
-    compile=("B", "S", "L"),    # last: a compilation's length is the least predictable part of the report
+    compile=("B", "S", "L"),    # near the end: a compilation's length is the least predictable part of the report
     sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block (issue 13)
     numerics=("B", 16), tiny=(300, 64), finetune=("B", 224, 14),  # tiny: steps, batch
     data=dict(jpeg_size="500x375", images=100),
@@ -266,16 +269,30 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def error_line(e):
+    """An exception in one line for the report: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300].replace("|", "/")
+
+
 def attempt(fn, device, opt=None):
-    """fn(), or None when the GPU runs out of memory; the half-made gradients and the cache are then
-    freed (after the except clause, whose traceback holds the failed step's tensors)."""
+    """fn(), or None when the GPU runs out of memory (cuBLAS and cuDNN say so as RuntimeErrors); the
+    half-made gradients and the cache are then freed (after the except clause, whose traceback holds the
+    failed step's tensors). Any other error is cleaned up the same way, then raised again without its
+    frames (its last lines go to stderr first): the caller loses that probe, not the memory."""
+    error = None
     try:
         return fn()
-    except torch.OutOfMemoryError:
-        pass
+    except Exception as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "ALLOC_FAILED" in str(e)):
+            print("\n".join(traceback.format_exc().splitlines()[-6:]), file=sys.stderr, flush=True)
+            error = e.with_traceback(None)
     if opt is not None:
         opt.zero_grad(set_to_none=True)
-    free(device)
+    try:
+        free(device)
+    finally:
+        if error is not None:
+            raise error  # the first error, also when a broken CUDA context makes the clean-up fail too
     return None
 
 
@@ -297,21 +314,26 @@ def largest_batch(probe, start, cap, time_left):
     """The largest micro-batch start * 2^k <= cap that fits: probe(b) -> seconds per step, or None when
     out of memory. Doubles from `start` (halves first if start does not fit); stops at the cap, or when
     the next probe (two steps at twice the batch, ~4x the last step) would not fit in time_left().
-    Returns (batch or 0, why it stopped: 'oom' | 'cap' | 'time' | 'none fits')."""
-    b = start
-    while (last := probe(b)) is None:
-        if b == 1:
-            return 0, "none fits"
-        b //= 2
-    if b < start:
-        return b, "oom"  # 2b was probed first and did not fit
-    while b * 2 <= cap:
-        if 4 * last > time_left():
-            return b, "time"
-        if (last := probe(b * 2)) is None:
-            return b, "oom"
-        b *= 2
-    return b, "cap"
+    An error other than running out of memory ends the search at the last batch that ran.
+    Returns (batch or 0, why it stopped: 'oom' | 'cap' | 'time' | 'none fits' | 'error at b: ...')."""
+    b, fits = start, 0
+    try:
+        while (last := probe(b)) is None:
+            if b == 1:
+                return 0, "none fits"
+            b //= 2
+        fits = b
+        if b < start:
+            return b, "oom"  # 2b was probed first and did not fit
+        while b * 2 <= cap:
+            if 4 * last > time_left():
+                return b, "time"
+            if (last := probe(b * 2)) is None:
+                return b, "oom"
+            b = fits = b * 2
+        return b, "cap"
+    except Exception as e:  # e.g. a kernel's int32 indexing at a large batch: keep what the smaller ones measured
+        return fits, f"error at {b if fits < b else 2 * b}: {error_line(e)}"
 
 
 def flops_per_image(model, x, mask, ctx):
@@ -336,7 +358,11 @@ def size_report(name, device, ctx, plan, time_left):
     model, opt = simmim_parts(encoder, device)
     out = dict(params_m=sum(p.numel() for p in encoder.parameters()) / 1e6, img_size=encoder.cfg.img_size)
     x, mask = simmim_batch(encoder.cfg, 2, device)
-    out["gflop_per_img"] = flops_per_image(model, x, mask, ctx) / 1e9
+    try:
+        out["gflop_per_img"] = flops_per_image(model, x, mask, ctx) / 1e9
+    except Exception as e:  # no MFU then, but the rows below still run
+        out.update(gflop_per_img=None, flop_error=error_line(e))
+        model.zero_grad(set_to_none=True)
     step = train_step(model, opt, ctx)
     peaks = {}  # (grad_ckpt, batch) -> peak GiB of the probes that fit
 
@@ -353,10 +379,13 @@ def size_report(name, device, ctx, plan, time_left):
 
     ckpt = name in plan["ckpt"]
     b = plan["micro"]
-    while b >= 1 and (sec := run(b, ckpt, plan["timing"])) is None:
-        b //= 2
-    out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
-    for ckpt in (False, True):
+    try:  # an error other than memory loses this row only: the searches below still run
+        while b >= 1 and (sec := run(b, ckpt, plan["timing"])) is None:
+            b //= 2
+        out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
+    except Exception as e:
+        out["eager"] = dict(grad_ckpt=ckpt, batch=0, error=error_line(e))
+    for ckpt in (False, True):  # largest_batch keeps what ran before an error
         b, why = largest_batch(lambda b: run(b, ckpt), plan["micro"], plan["cap"], time_left)
         row = dict(batch=b, stop=why, peak_gib=peaks.get((ckpt, b)))
         row.update(memory_line({b: p for (c, b), p in peaks.items() if c == ckpt and p is not None}))
@@ -454,12 +483,12 @@ def sdpa_report(name, b, device, ctx):
     return res
 
 
-def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
+def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lambda: float("inf")):
     """(1) bf16 autocast vs fp32 (no TF32) on the same images and weights: relative difference of the
     loss and of the gradient. The res-post-norm gains start at 0 (every block the identity), so they are
     set to 1 here, as a trained model's are about. (2) tiny_steps steps of tiny in the report's autocast
     (micro-batch tiny_batch) with the CPU recipe's LR and the paper's 47 px target: how many losses or
-    gradient norms were not finite."""
+    gradient norms were not finite (fewer steps if time_left() runs out: the result says so)."""
     free(device)
     torch.manual_seed(0)  # the same weights in every report
     with torch.device(device):
@@ -503,6 +532,9 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
     g = torch.Generator().manual_seed(0)
     bad, losses = 0, []
     for s in range(tiny_steps):
+        if s and time_left() < 0:
+            out["stopped"] = f"time up after {s} of {tiny_steps} tiny steps"
+            break
         lr = train.get_lr(s, recipe["lr"] * B / 512, 5e-7 * B / 512, tiny_steps // 10, tiny_steps, tiny_steps * 7 // 8)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -510,8 +542,8 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
         loss, grad_norm = step(pool[idx], pool_masks[idx])
         bad += int(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
         losses.append(loss.item())
-    k = max(1, min(10, tiny_steps // 2))
-    out.update(tiny_steps=tiny_steps, tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k, tiny_loss_last=sum(losses[-k:]) / k)
+    k = max(1, min(10, len(losses) // 2))
+    out.update(tiny_steps=len(losses), tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k, tiny_loss_last=sum(losses[-k:]) / k)
     return out
 
 
@@ -572,8 +604,8 @@ def markdown(R):
 
     def row(label, r, gflop):
         mfu = r.get("img_s") and gflop and env["peak_tflops"] and r["img_s"] * gflop / (env["peak_tflops"] * 1e3)
-        label += " (out of memory)" if r.get("oom") else ""
-        return (f"| {label} | {r.get('batch') or 'none fits'} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
+        label += " (out of memory)" if r.get("oom") else f" (error: {r['error']})" if r.get("error") else ""
+        return (f"| {label} | {r.get('batch') or ('–' if r.get('error') else 'none fits')} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
                 f"| {fmt(gflop, '.1f')} | {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
     for name, s in sizes.items():
         lines.append(row(f"{name} SimMIM, {s['img_size']} px, eager{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}",
@@ -608,8 +640,10 @@ def markdown(R):
     if "error" not in (d := R.get("data", {"error": 0})):
         lines.append(f"- data pipeline, one worker, pre-training transform of {R['plan']['data']['jpeg_size']} JPEGs: "
                      + ", ".join(f"{k} {v:.0f} img/s" for k, v in d.items()))
-    lines += [f"- {k}: {v['error']}" for k, v in R.items() if isinstance(v, dict) and "error" in v]
+    lines += [f"- {k}: {v[e]}" for k, v in R.items() for e in ("error", "flop_error", "stopped") if isinstance(v, dict) and e in v]
     lines += [f"- {k}: {v}" for k, v in R["phases"].items() if isinstance(v, str)]  # skipped
+    if "in_progress" in R:  # a report that ends with this line stopped there: killed, or its process died
+        lines.append(f"- {R['in_progress']}: in progress")
     return "\n".join(lines) + "\n"
 
 
@@ -631,24 +665,38 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
 
     def save():
         R["elapsed_s"] = time.perf_counter() - start
-        md = markdown(R)
         train.save_json(json_path, R)
+        try:
+            md = markdown(R)
+        except Exception as e:  # a row the tables did not foresee costs the markdown, not the JSON or the run
+            md = f"GPU report: no markdown ({error_line(e)}); the results are in {json_path}\n"
         train.atomic_write(os.path.splitext(json_path)[0] + ".md", lambda f: f.write(md.encode()))
         return md
 
     def phase(name, need, fn):
-        """fn() -> dict, stored as R[name], if `need` seconds are left; its time (or why not) goes to R['phases']."""
+        """fn() -> dict, stored as R[name], if `need` seconds are left; its time (or why not) goes to R['phases'].
+        The files name it before it starts (a run that dies in it says where); the thread count and TF32 flags
+        it found are put back, whatever it did."""
         if left() < need:
             R["phases"][name] = f"skipped: needs ~{need:.0f} s, {max(left(), 0):.0f} s left"
             print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]}", flush=True)
             return
+        R["in_progress"] = name
+        save()
+        print(f"[{time.perf_counter() - start:4.0f} s] {name}: starting, {left():.0f} s left", flush=True)
         t0 = time.perf_counter()
+        threads, tf32 = torch.get_num_threads(), (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         try:
             R[name] = fn()
         except Exception as e:  # a failing phase must not cost the others: record it, show where, go on
-            R[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            R[name] = dict(error=error_line(e))
             print("\n".join(traceback.format_exc().splitlines()[-8:]), file=sys.stderr, flush=True)
-        free(device)
+        finally:
+            torch.set_num_threads(threads)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with contextlib.suppress(Exception):  # a broken CUDA context raises here too; the next phase records it
+            free(device)
+        del R["in_progress"]
         R["phases"][name] = round(time.perf_counter() - t0, 1)
         save()
         print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]} s {R[name].get('error', '')}", flush=True)
@@ -669,16 +717,16 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
           f"{json_path} and its .md are rewritten after every phase", flush=True)
     for name in plan["sizes"]:
         phase(f"size {name}", plan["search_s"] * (0.75 if name in plan["ckpt"] else 0.5), lambda: size(name))
-    phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx))
+    phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx, left))
     phase("finetune", 30, lambda: finetune_report(*plan["finetune"], plan["micro"], device, ctx, plan))
     data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"], "--images", str(plan["data"]["images"])])
     phase("data", 20, lambda: bench_data(data_args))
-    # forcing each SDPA backend is the one thing here that could upset the GPU: after the main tables
-    phase("sdpa", 20, lambda: sdpa_report(*plan["sdpa"], device, ctx))
-    compile_need = 240  # until the first compilation says how long one takes
+    compile_need = 240  # until the first compilation says how long one takes; + 20 s kept for sdpa
     for name in plan["compile"]:
-        phase(f"compiled {name}", compile_need, lambda: compiled(name))
+        phase(f"compiled {name}", compile_need + 20, lambda: compiled(name))
         compile_need = 1.5 * R.get(f"compiled {name}", {}).get("compile_s", 160) + 20
+    # last: forcing each SDPA backend is the one thing here that could break the CUDA context for what follows
+    phase("sdpa", 20, lambda: sdpa_report(*plan["sdpa"], device, ctx))
     md = save()
     print(md, flush=True)
     print(f"written: {json_path} and {os.path.splitext(json_path)[0]}.md ({R['elapsed_s']:.0f} s)", flush=True)

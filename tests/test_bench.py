@@ -14,7 +14,8 @@ import bench
 import mim
 import swinv2
 
-TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile=("tiny", "nano"), sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
+TINY_PLAN = dict(bench.GPU_PLAN, micro=4, cap=8, sizes=("tiny", "nano"), ckpt=("nano",), compile=("tiny", "nano"),
+                 sdpa=("tiny", 2), numerics=("tiny", 2), tiny=(3, 2), finetune=("tiny", 64, 4),
                  data=dict(jpeg_size="64x48", images=2), timing=dict(warmup=1, seconds=0, min_steps=1), search_s=1e6,
                  compile_backend=None)  # torch.compile itself: test_compiled_step_equals_eager
 
@@ -72,6 +73,31 @@ def test_gpu_report_skips_what_does_not_fit_the_budget(tmp_path):
     assert "- sdpa: skipped: needs ~20 s, 0 s left" in open(str(tmp_path / "r.md")).read()
 
 
+def test_a_phase_that_raises_puts_threads_and_tf32_back(tmp_path, monkeypatch):
+    """A phase that raises, with the thread count and TF32 flags changed, gets them back and the next phase
+    runs; one that never returns (here interrupted) is named in the files as the phase in progress."""
+    flags = lambda: (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before = flags()
+
+    def meddling(*a, **kw):
+        torch.set_num_threads(before[0] + 1)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = not before[1], not before[2]
+        raise RuntimeError("simulated")
+
+    def interrupted(*a, **kw):
+        torch.set_num_threads(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "numerics_report", meddling)
+    monkeypatch.setattr(bench, "finetune_report", interrupted)
+    path = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.gpu_report(torch.device("cpu"), dict(TINY_PLAN, sizes=(), compile=()), budget=1e6, json_path=str(path))
+    assert flags() == before
+    R = json.load(open(path))
+    assert R["numerics"] == dict(error="RuntimeError: simulated") and R["in_progress"] == "finetune"
+    assert (tmp_path / "r.md").read_text().endswith("- finetune: in progress\n")
+
+
 def test_compiled_step_equals_eager(one_thread):
     """The report's compiled rows run train_step through torch.compile (TorchDynamo's graph capture; the
     'eager' backend stands in for inductor's code generation, which takes minutes on a CPU)."""
@@ -106,6 +132,33 @@ def test_largest_batch_doubles_halves_and_stops():
     assert bench.largest_batch(probe, 4, 64, lambda: 30.0) == (4, "time") and tried == [4]  # 8 would take ~40 s
     probe, tried = probe_fitting(0)
     assert bench.largest_batch(probe, 4, 64, lambda: 1e9) == (0, "none fits") and tried == [4, 2, 1]
+
+    def broken_from(first_bad):  # an error other than memory ends the search, keeping the batches that ran
+        def probe(b):
+            if b >= first_bad:
+                raise RuntimeError("simulated: an illegal memory access")
+            return 1.0
+        return probe
+    assert bench.largest_batch(broken_from(16), 4, 64, lambda: 1e9) == (8, "error at 16: RuntimeError: simulated: an illegal memory access")
+    assert bench.largest_batch(broken_from(1), 4, 64, lambda: 1e9) == (0, "error at 4: RuntimeError: simulated: an illegal memory access")
+
+
+def test_attempt_tells_memory_from_other_errors(monkeypatch):
+    """Out of memory (torch's error, or cuBLAS's in a RuntimeError) -> None after the clean-up; another error
+    is raised after it, and is the one raised when a broken CUDA context makes the clean-up fail too."""
+    def raising(e):
+        def fn():
+            raise e
+        return fn
+    cpu = torch.device("cpu")
+    assert bench.attempt(raising(torch.OutOfMemoryError("CUDA out of memory")), cpu) is None
+    assert bench.attempt(raising(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")), cpu) is None
+
+    def broken(device):
+        raise RuntimeError("CUDA error: the context is broken")
+    monkeypatch.setattr(bench, "free", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench.attempt(raising(RuntimeError("CUDA error: an illegal memory access was encountered")), cpu)
 
 
 def test_memory_line_and_peak_table(monkeypatch):
