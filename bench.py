@@ -14,8 +14,9 @@ while they wait count too, and on a busy machine they spin long: compare with OM
 
 The GPU report (--what gpu) measures, on one CUDA GPU, what the README needs and no test can: img/s
 and peak memory of mim.py's training step for S, B, L (eager and torch.compile) and H, g (grad
-checkpointing), the largest micro-batch of each size, model FLOPs and MFU, bf16 vs fp32, a fine-tuning
-step, the data pipeline, and last the SDPA kernel of our window attention and its bias-gradient memory.
+checkpointing), the largest micro-batch of each size, model FLOPs and MFU, a training step of detect.py's
+Mask R-CNN (1024 px) and segment.py's UPerNet (512 px) for S, B, L, bf16 vs fp32, a fine-tuning step, the
+data pipeline, and last the SDPA kernel of our window attention and its bias-gradient memory.
 It keeps to --budget seconds (a phase that would not fit is skipped, a long one stops between its
 measurements, and both say so) and rewrites its JSON and markdown before and after every phase, so a run
 cut short keeps what it measured and names the phase it was in. It is written to survive its first run:
@@ -26,6 +27,7 @@ tiny sizes.
 import argparse
 import contextlib
 import gc
+import importlib
 import os
 import sys
 import tempfile
@@ -247,6 +249,8 @@ GPU_PLAN = dict(
     cap=512,                    # the largest-micro-batch search stops here
     sizes=("B", "S", "L", "H", "g"),
     ckpt=("H", "g"),            # measured with --grad_ckpt
+    dense=("S", "B", "L"),      # detect.py's Mask R-CNN at 1024 px, segment.py's UPerNet at 512 px ...
+    dense_micro=2,              # ... at 2 images per GPU, their recipes' 16 over 8 GPUs
     compile=("B", "S", "L"),    # near the end: a compilation's length is the least predictable part of the report
     sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block (issue 13)
     numerics=("B", 16), tiny=(300, 64), finetune=("B", 224, 14),  # tiny: steps, batch
@@ -578,6 +582,90 @@ def finetune_report(name, img_size, window, b, device, ctx, plan):
     return dict(model=name, img_size=img_size, window=window, batch=0)
 
 
+def boxes_and_masks(S, n, K, g):
+    """A detection target of n random boxes (XYXY, sides 1/16 to 1/2 of the S px square), each with its
+    box filled as its instance mask, and labels in 1..K: torchvision's format, as detect.py's data gives it."""
+    wh = torch.empty(n, 2).uniform_(S / 16, S / 2, generator=g)
+    xy = torch.rand(n, 2, generator=g) * (S - wh)
+    boxes = torch.cat([xy, xy + wh], 1).round()
+    masks = torch.zeros(n, S, S, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        m[y0:y1, x0:x1] = 1
+    return dict(boxes=boxes, labels=torch.randint(1, K + 1, (n,), generator=g), masks=masks)
+
+
+def dense_step(task, name, b, device, ctx, grad_ckpt):
+    """One training step of detect.py ('detect': Mask R-CNN, 80 COCO classes) or segment.py ('segment':
+    UPerNet, 150 ADE20K classes) for preset `name`, built by the script's build_model at its recipe (the
+    paper's for S..g: 1024 px squares, 512 px crops, window 16; the CPU one for nano and tiny) from scratch
+    (weights do not change the speed), on b synthetic images: forward with targets and the script's loss
+    (3 boxes with masks per image; a label map whose top eighth is ignored), backward, train.optimizer_step
+    with the script's layer-decay AdamW groups (both recipes clip nothing). Mixed precision as the scripts:
+    the detector's backbone only (its heads stay fp32), the whole segmenter.
+    Returns (step() -> loss, optimizer, side in pixels, window)."""
+    script = importlib.import_module(task)  # detect or segment: imported here, so nothing else needs them
+    r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "cpu"])
+    K = dict(detect=80, segment=150)[task]
+    model, _ = script.build_model(argparse.Namespace(model=name, seed=0, grad_ckpt=grad_ckpt), r, None, K)
+    model = model.to(device).train()
+    opt = train.adamw(finetune.param_groups(model, 0.05, r["layer_decay"]), r["lr"])
+    S, g = r["img_size" if task == "detect" else "crop"], torch.Generator().manual_seed(0)
+    if task == "detect":
+        if not hasattr(model.backbone, "autocast"):  # setting it would pass silently, and the row be fp32
+            raise AttributeError("detect.py's backbone has no `autocast`: see how detect.detect sets its mixed precision")
+        model.backbone.autocast = ctx  # as detect.py: bf16 in the encoder and FPN, fp32 box regression
+        images = [torch.rand(3, S, S, generator=g).to(device) for _ in range(b)]
+        targets = [{k: v.to(device) for k, v in boxes_and_masks(S, 3, K, g).items()} for _ in range(b)]
+        loss_fn = lambda: sum(model(images, targets).values())
+    else:
+        x, y = torch.randn(b, 3, S, S, generator=g).to(device), torch.randint(K, (b, S, S), generator=g)
+        y[:, :S // 8] = script.IGNORE
+        y = y.to(device)
+
+        def loss_fn():
+            with ctx:
+                logits, aux = model(x)
+            return script.seg_loss(logits, aux, y)[0]
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        train.optimizer_step(model, opt, 0.0)
+        return loss.detach()
+    return step, opt, S, r["window"]
+
+
+def dense_probe(task, name, b, device, ctx, timing):
+    """img/s, ms/step and peak memory of dense_step at micro-batch b; if it runs out of memory, again with
+    grad checkpointing; marked oom if that does too."""
+    for ckpt in (False, True):
+        free(device)
+        step, opt, S, window = dense_step(task, name, b, device, ctx, ckpt)
+        row = dict(task=task, model=name, img_size=S, window=window, batch=b, grad_ckpt=ckpt)
+        sec = attempt(lambda: measure(step, device, **timing), device, opt)
+        if sec is not None:
+            return dict(row, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
+        step = opt = None
+    return dict(row, oom=True)
+
+
+def dense_report(name, b, device, ctx, plan, time_left):
+    """The detection and the segmentation row of preset `name`. An error other than memory loses that
+    row only; the second runs only if the time the first took is still left, else the result says so."""
+    out, need = {}, 0.0
+    for task in ("detect", "segment"):
+        if time_left() < need:
+            out["stopped"] = f"time up before {task}: it needs ~{need:.0f} s, {max(time_left(), 0):.0f} s left"
+            break
+        t0 = time.perf_counter()
+        try:
+            out[task] = dense_probe(task, name, b, device, ctx, plan["timing"])
+        except Exception as e:
+            out[task] = dict(task=task, model=name, batch=b, error=error_line(e))
+        need = time.perf_counter() - t0
+    return out
+
+
 def peak_tflops(device):
     """(dense bf16 peak in TFLOPS or None, the line saying which)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -612,6 +700,11 @@ def markdown(R):
                          s["eager"], s["gflop_per_img"]))
         if "error" not in R.get(f"compiled {name}", {"error": 0}):
             lines.append(row(f"{name} SimMIM, {s['img_size']} px, torch.compile", R[f"compiled {name}"], s["gflop_per_img"]))
+    for name, d in [(k[6:], v) for k, v in R.items() if k.startswith("dense ")]:  # Mask R-CNN and UPerNet
+        for task, what in (("detect", "Mask R-CNN (bf16 backbone)"), ("segment", "UPerNet")):
+            if r := d.get(task):
+                where = f", {r['img_size']} px, window {r['window']}" if "img_size" in r else ""
+                lines.append(row(f"{name} {what}{where}{', grad_ckpt' if r.get('grad_ckpt') else ''}", r, None))
     if "error" not in R.get("finetune", {"error": 0}):
         ft = R["finetune"]
         lines.append(row(f"{ft['model']} fine-tuning, {ft['img_size']} px, window {ft['window']}, eager", ft, None))
@@ -717,6 +810,8 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
           f"{json_path} and its .md are rewritten after every phase", flush=True)
     for name in plan["sizes"]:
         phase(f"size {name}", plan["search_s"] * (0.75 if name in plan["ckpt"] else 0.5), lambda: size(name))
+    for name in plan["dense"]:  # Mask R-CNN and UPerNet: the detection and segmentation scripts' steps
+        phase(f"dense {name}", 30, lambda: dense_report(name, plan["dense_micro"], device, ctx, plan, left))
     phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx, left))
     phase("finetune", 30, lambda: finetune_report(*plan["finetune"], plan["micro"], device, ctx, plan))
     data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"], "--images", str(plan["data"]["images"])])
