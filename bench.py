@@ -14,15 +14,20 @@ while they wait count too, and on a busy machine they spin long: compare with OM
 
 The GPU report (--what gpu) measures, on one CUDA GPU, what the README needs and no test can: img/s
 and peak memory of mim.py's training step for S, B, L (eager and torch.compile) and H, g (grad
-checkpointing), the largest micro-batch of each size, model FLOPs and MFU, bf16 vs fp32, the SDPA
-kernel of our window attention and its bias-gradient memory, a fine-tuning step, the data pipeline.
-It keeps to --budget seconds (a phase that would not fit is skipped and says so) and rewrites its
-JSON and markdown after every phase, so a run cut short keeps what it measured. The test suite runs
-the same functions on a CPU at tiny sizes.
+checkpointing), the largest micro-batch of each size, model FLOPs and MFU, a training step of detect.py's
+Mask R-CNN (1024 px) and segment.py's UPerNet (512 px) for S, B, L, bf16 vs fp32, a fine-tuning step, the
+data pipeline, and last the SDPA kernel of our window attention and its bias-gradient memory.
+It keeps to --budget seconds (a phase that would not fit is skipped, a long one stops between its
+measurements, and both say so) and rewrites its JSON and markdown before and after every phase, so a run
+cut short keeps what it measured and names the phase it was in. It is written to survive its first run:
+an error other than memory in one measurement loses that measurement (a phase, at worst), and the thread
+count and TF32 flags are put back after every phase. The test suite runs the same functions on a CPU at
+tiny sizes.
 """
 import argparse
 import contextlib
 import gc
+import importlib
 import os
 import sys
 import tempfile
@@ -244,7 +249,9 @@ GPU_PLAN = dict(
     cap=512,                    # the largest-micro-batch search stops here
     sizes=("B", "S", "L", "H", "g"),
     ckpt=("H", "g"),            # measured with --grad_ckpt
-    compile=("B", "S", "L"),    # last: a compilation's length is the least predictable part of the report
+    dense=("S", "B", "L"),      # detect.py's Mask R-CNN at 1024 px, segment.py's UPerNet at 512 px ...
+    dense_micro=2,              # ... at 2 images per GPU, their recipes' 16 over 8 GPUs
+    compile=("B", "S", "L"),    # near the end: a compilation's length is the least predictable part of the report
     sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block (issue 13)
     numerics=("B", 16), tiny=(300, 64), finetune=("B", 224, 14),  # tiny: steps, batch
     data=dict(jpeg_size="500x375", images=100),
@@ -254,9 +261,10 @@ GPU_PLAN = dict(
 
 
 def free(device):
-    """Drop what nothing refers to any more, give cached blocks back, and start a new peak."""
-    gc.collect()
+    """Drop what nothing refers to any more, give cached blocks back, and start a new peak (on a GPU: a CPU
+    has no cache to give back, and a full collection takes ~0.3 s in a process that has imported torch)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -265,16 +273,30 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def error_line(e):
+    """An exception in one line for the report: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300].replace("|", "/")
+
+
 def attempt(fn, device, opt=None):
-    """fn(), or None when the GPU runs out of memory; the half-made gradients and the cache are then
-    freed (after the except clause, whose traceback holds the failed step's tensors)."""
+    """fn(), or None when the GPU runs out of memory (cuBLAS and cuDNN say so as RuntimeErrors); the
+    half-made gradients and the cache are then freed (after the except clause, whose traceback holds the
+    failed step's tensors). Any other error is cleaned up the same way, then raised again without its
+    frames (its last lines go to stderr first): the caller loses that probe, not the memory."""
+    error = None
     try:
         return fn()
-    except torch.OutOfMemoryError:
-        pass
+    except Exception as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "ALLOC_FAILED" in str(e)):
+            print("\n".join(traceback.format_exc().splitlines()[-6:]), file=sys.stderr, flush=True)
+            error = e.with_traceback(None)
     if opt is not None:
         opt.zero_grad(set_to_none=True)
-    free(device)
+    try:
+        free(device)
+    finally:
+        if error is not None:
+            raise error  # the first error, also when a broken CUDA context makes the clean-up fail too
     return None
 
 
@@ -296,21 +318,26 @@ def largest_batch(probe, start, cap, time_left):
     """The largest micro-batch start * 2^k <= cap that fits: probe(b) -> seconds per step, or None when
     out of memory. Doubles from `start` (halves first if start does not fit); stops at the cap, or when
     the next probe (two steps at twice the batch, ~4x the last step) would not fit in time_left().
-    Returns (batch or 0, why it stopped: 'oom' | 'cap' | 'time' | 'none fits')."""
-    b = start
-    while (last := probe(b)) is None:
-        if b == 1:
-            return 0, "none fits"
-        b //= 2
-    if b < start:
-        return b, "oom"  # 2b was probed first and did not fit
-    while b * 2 <= cap:
-        if 4 * last > time_left():
-            return b, "time"
-        if (last := probe(b * 2)) is None:
-            return b, "oom"
-        b *= 2
-    return b, "cap"
+    An error other than running out of memory ends the search at the last batch that ran.
+    Returns (batch or 0, why it stopped: 'oom' | 'cap' | 'time' | 'none fits' | 'error at b: ...')."""
+    b, fits = start, 0
+    try:
+        while (last := probe(b)) is None:
+            if b == 1:
+                return 0, "none fits"
+            b //= 2
+        fits = b
+        if b < start:
+            return b, "oom"  # 2b was probed first and did not fit
+        while b * 2 <= cap:
+            if 4 * last > time_left():
+                return b, "time"
+            if (last := probe(b * 2)) is None:
+                return b, "oom"
+            b = fits = b * 2
+        return b, "cap"
+    except Exception as e:  # e.g. a kernel's int32 indexing at a large batch: keep what the smaller ones measured
+        return fits, f"error at {b if fits < b else 2 * b}: {error_line(e)}"
 
 
 def flops_per_image(model, x, mask, ctx):
@@ -335,7 +362,11 @@ def size_report(name, device, ctx, plan, time_left):
     model, opt = simmim_parts(encoder, device)
     out = dict(params_m=sum(p.numel() for p in encoder.parameters()) / 1e6, img_size=encoder.cfg.img_size)
     x, mask = simmim_batch(encoder.cfg, 2, device)
-    out["gflop_per_img"] = flops_per_image(model, x, mask, ctx) / 1e9
+    try:
+        out["gflop_per_img"] = flops_per_image(model, x, mask, ctx) / 1e9
+    except Exception as e:  # no MFU then, but the rows below still run
+        out.update(gflop_per_img=None, flop_error=error_line(e))
+        model.zero_grad(set_to_none=True)
     step = train_step(model, opt, ctx)
     peaks = {}  # (grad_ckpt, batch) -> peak GiB of the probes that fit
 
@@ -352,10 +383,13 @@ def size_report(name, device, ctx, plan, time_left):
 
     ckpt = name in plan["ckpt"]
     b = plan["micro"]
-    while b >= 1 and (sec := run(b, ckpt, plan["timing"])) is None:
-        b //= 2
-    out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
-    for ckpt in (False, True):
+    try:  # an error other than memory loses this row only: the searches below still run
+        while b >= 1 and (sec := run(b, ckpt, plan["timing"])) is None:
+            b //= 2
+        out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
+    except Exception as e:
+        out["eager"] = dict(grad_ckpt=ckpt, batch=0, error=error_line(e))
+    for ckpt in (False, True):  # largest_batch keeps what ran before an error
         b, why = largest_batch(lambda b: run(b, ckpt), plan["micro"], plan["cap"], time_left)
         row = dict(batch=b, stop=why, peak_gib=peaks.get((ckpt, b)))
         row.update(memory_line({b: p for (c, b), p in peaks.items() if c == ckpt and p is not None}))
@@ -453,12 +487,12 @@ def sdpa_report(name, b, device, ctx):
     return res
 
 
-def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
+def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lambda: float("inf")):
     """(1) bf16 autocast vs fp32 (no TF32) on the same images and weights: relative difference of the
     loss and of the gradient. The res-post-norm gains start at 0 (every block the identity), so they are
     set to 1 here, as a trained model's are about. (2) tiny_steps steps of tiny in the report's autocast
     (micro-batch tiny_batch) with the CPU recipe's LR and the paper's 47 px target: how many losses or
-    gradient norms were not finite."""
+    gradient norms were not finite (fewer steps if time_left() runs out: the result says so)."""
     free(device)
     torch.manual_seed(0)  # the same weights in every report
     with torch.device(device):
@@ -502,6 +536,9 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
     g = torch.Generator().manual_seed(0)
     bad, losses = 0, []
     for s in range(tiny_steps):
+        if s and time_left() < 0:
+            out["stopped"] = f"time up after {s} of {tiny_steps} tiny steps"
+            break
         lr = train.get_lr(s, recipe["lr"] * B / 512, 5e-7 * B / 512, tiny_steps // 10, tiny_steps, tiny_steps * 7 // 8)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -509,8 +546,8 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx):
         loss, grad_norm = step(pool[idx], pool_masks[idx])
         bad += int(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
         losses.append(loss.item())
-    k = max(1, min(10, tiny_steps // 2))
-    out.update(tiny_steps=tiny_steps, tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k, tiny_loss_last=sum(losses[-k:]) / k)
+    k = max(1, min(10, len(losses) // 2))
+    out.update(tiny_steps=len(losses), tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k, tiny_loss_last=sum(losses[-k:]) / k)
     return out
 
 
@@ -545,6 +582,90 @@ def finetune_report(name, img_size, window, b, device, ctx, plan):
     return dict(model=name, img_size=img_size, window=window, batch=0)
 
 
+def boxes_and_masks(S, n, K, g):
+    """A detection target of n random boxes (XYXY, sides 1/16 to 1/2 of the S px square), each with its
+    box filled as its instance mask, and labels in 1..K: torchvision's format, as detect.py's data gives it."""
+    wh = torch.empty(n, 2).uniform_(S / 16, S / 2, generator=g)
+    xy = torch.rand(n, 2, generator=g) * (S - wh)
+    boxes = torch.cat([xy, xy + wh], 1).round()
+    masks = torch.zeros(n, S, S, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        m[y0:y1, x0:x1] = 1
+    return dict(boxes=boxes, labels=torch.randint(1, K + 1, (n,), generator=g), masks=masks)
+
+
+def dense_step(task, name, b, device, ctx, grad_ckpt):
+    """One training step of detect.py ('detect': Mask R-CNN, 80 COCO classes) or segment.py ('segment':
+    UPerNet, 150 ADE20K classes) for preset `name`, built by the script's build_model at its recipe (the
+    paper's for S..g: 1024 px squares, 512 px crops, window 16; the CPU one for nano and tiny) from scratch
+    (weights do not change the speed), on b synthetic images: forward with targets and the script's loss
+    (3 boxes with masks per image; a label map whose top eighth is ignored), backward, train.optimizer_step
+    with the script's layer-decay AdamW groups (both recipes clip nothing). Mixed precision as the scripts:
+    the detector's backbone only (its heads stay fp32), the whole segmenter.
+    Returns (step() -> loss, optimizer, side in pixels, window)."""
+    script = importlib.import_module(task)  # detect or segment: imported here, so nothing else needs them
+    r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "cpu"])
+    K = dict(detect=80, segment=150)[task]
+    model, _ = script.build_model(argparse.Namespace(model=name, seed=0, grad_ckpt=grad_ckpt), r, None, K)
+    model = model.to(device).train()
+    opt = train.adamw(finetune.param_groups(model, 0.05, r["layer_decay"]), r["lr"])
+    S, g = r["img_size" if task == "detect" else "crop"], torch.Generator().manual_seed(0)
+    if task == "detect":
+        if not hasattr(model.backbone, "autocast"):  # setting it would pass silently, and the row be fp32
+            raise AttributeError("detect.py's backbone has no `autocast`: see how detect.detect sets its mixed precision")
+        model.backbone.autocast = ctx  # as detect.py: bf16 in the encoder and FPN, fp32 box regression
+        images = [torch.rand(3, S, S, generator=g).to(device) for _ in range(b)]
+        targets = [{k: v.to(device) for k, v in boxes_and_masks(S, 3, K, g).items()} for _ in range(b)]
+        loss_fn = lambda: sum(model(images, targets).values())
+    else:
+        x, y = torch.randn(b, 3, S, S, generator=g).to(device), torch.randint(K, (b, S, S), generator=g)
+        y[:, :S // 8] = script.IGNORE
+        y = y.to(device)
+
+        def loss_fn():
+            with ctx:
+                logits, aux = model(x)
+            return script.seg_loss(logits, aux, y)[0]
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        train.optimizer_step(model, opt, 0.0)
+        return loss.detach()
+    return step, opt, S, r["window"]
+
+
+def dense_probe(task, name, b, device, ctx, timing):
+    """img/s, ms/step and peak memory of dense_step at micro-batch b; if it runs out of memory, again with
+    grad checkpointing; marked oom if that does too."""
+    for ckpt in (False, True):
+        free(device)
+        step, opt, S, window = dense_step(task, name, b, device, ctx, ckpt)
+        row = dict(task=task, model=name, img_size=S, window=window, batch=b, grad_ckpt=ckpt)
+        sec = attempt(lambda: measure(step, device, **timing), device, opt)
+        if sec is not None:
+            return dict(row, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
+        step = opt = None
+    return dict(row, oom=True)
+
+
+def dense_report(name, b, device, ctx, plan, time_left):
+    """The detection and the segmentation row of preset `name`. An error other than memory loses that
+    row only; the second runs only if the time the first took is still left, else the result says so."""
+    out, need = {}, 0.0
+    for task in ("detect", "segment"):
+        if time_left() < need:
+            out["stopped"] = f"time up before {task}: it needs ~{need:.0f} s, {max(time_left(), 0):.0f} s left"
+            break
+        t0 = time.perf_counter()
+        try:
+            out[task] = dense_probe(task, name, b, device, ctx, plan["timing"])
+        except Exception as e:
+            out[task] = dict(task=task, model=name, batch=b, error=error_line(e))
+        need = time.perf_counter() - t0
+    return out
+
+
 def peak_tflops(device):
     """(dense bf16 peak in TFLOPS or None, the line saying which)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -571,14 +692,19 @@ def markdown(R):
 
     def row(label, r, gflop):
         mfu = r.get("img_s") and gflop and env["peak_tflops"] and r["img_s"] * gflop / (env["peak_tflops"] * 1e3)
-        label += " (out of memory)" if r.get("oom") else ""
-        return (f"| {label} | {r.get('batch') or 'none fits'} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
+        label += " (out of memory)" if r.get("oom") else f" (error: {r['error']})" if r.get("error") else ""
+        return (f"| {label} | {r.get('batch') or ('–' if r.get('error') else 'none fits')} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
                 f"| {fmt(gflop, '.1f')} | {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
     for name, s in sizes.items():
         lines.append(row(f"{name} SimMIM, {s['img_size']} px, eager{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}",
                          s["eager"], s["gflop_per_img"]))
         if "error" not in R.get(f"compiled {name}", {"error": 0}):
             lines.append(row(f"{name} SimMIM, {s['img_size']} px, torch.compile", R[f"compiled {name}"], s["gflop_per_img"]))
+    for name, d in [(k[6:], v) for k, v in R.items() if k.startswith("dense ")]:  # Mask R-CNN and UPerNet
+        for task, what in (("detect", "Mask R-CNN (bf16 backbone)"), ("segment", "UPerNet")):
+            if r := d.get(task):
+                where = f", {r['img_size']} px, window {r['window']}" if "img_size" in r else ""
+                lines.append(row(f"{name} {what}{where}{', grad_ckpt' if r.get('grad_ckpt') else ''}", r, None))
     if "error" not in R.get("finetune", {"error": 0}):
         ft = R["finetune"]
         lines.append(row(f"{ft['model']} fine-tuning, {ft['img_size']} px, window {ft['window']}, eager", ft, None))
@@ -607,8 +733,10 @@ def markdown(R):
     if "error" not in (d := R.get("data", {"error": 0})):
         lines.append(f"- data pipeline, one worker, pre-training transform of {R['plan']['data']['jpeg_size']} JPEGs: "
                      + ", ".join(f"{k} {v:.0f} img/s" for k, v in d.items()))
-    lines += [f"- {k}: {v['error']}" for k, v in R.items() if isinstance(v, dict) and "error" in v]
+    lines += [f"- {k}: {v[e]}" for k, v in R.items() for e in ("error", "flop_error", "stopped") if isinstance(v, dict) and e in v]
     lines += [f"- {k}: {v}" for k, v in R["phases"].items() if isinstance(v, str)]  # skipped
+    if "in_progress" in R:  # a report that ends with this line stopped there: killed, or its process died
+        lines.append(f"- {R['in_progress']}: in progress")
     return "\n".join(lines) + "\n"
 
 
@@ -630,24 +758,38 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
 
     def save():
         R["elapsed_s"] = time.perf_counter() - start
-        md = markdown(R)
         train.save_json(json_path, R)
+        try:
+            md = markdown(R)
+        except Exception as e:  # a row the tables did not foresee costs the markdown, not the JSON or the run
+            md = f"GPU report: no markdown ({error_line(e)}); the results are in {json_path}\n"
         train.atomic_write(os.path.splitext(json_path)[0] + ".md", lambda f: f.write(md.encode()))
         return md
 
     def phase(name, need, fn):
-        """fn() -> dict, stored as R[name], if `need` seconds are left; its time (or why not) goes to R['phases']."""
+        """fn() -> dict, stored as R[name], if `need` seconds are left; its time (or why not) goes to R['phases'].
+        The files name it before it starts (a run that dies in it says where); the thread count and TF32 flags
+        it found are put back, whatever it did."""
         if left() < need:
             R["phases"][name] = f"skipped: needs ~{need:.0f} s, {max(left(), 0):.0f} s left"
             print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]}", flush=True)
             return
+        R["in_progress"] = name
+        save()
+        print(f"[{time.perf_counter() - start:4.0f} s] {name}: starting, {left():.0f} s left", flush=True)
         t0 = time.perf_counter()
+        threads, tf32 = torch.get_num_threads(), (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         try:
             R[name] = fn()
         except Exception as e:  # a failing phase must not cost the others: record it, show where, go on
-            R[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            R[name] = dict(error=error_line(e))
             print("\n".join(traceback.format_exc().splitlines()[-8:]), file=sys.stderr, flush=True)
-        free(device)
+        finally:
+            torch.set_num_threads(threads)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with contextlib.suppress(Exception):  # a broken CUDA context raises here too; the next phase records it
+            free(device)
+        del R["in_progress"]
         R["phases"][name] = round(time.perf_counter() - t0, 1)
         save()
         print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]} s {R[name].get('error', '')}", flush=True)
@@ -668,16 +810,18 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
           f"{json_path} and its .md are rewritten after every phase", flush=True)
     for name in plan["sizes"]:
         phase(f"size {name}", plan["search_s"] * (0.75 if name in plan["ckpt"] else 0.5), lambda: size(name))
-    phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx))
+    for name in plan["dense"]:  # Mask R-CNN and UPerNet: the detection and segmentation scripts' steps
+        phase(f"dense {name}", 30, lambda: dense_report(name, plan["dense_micro"], device, ctx, plan, left))
+    phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx, left))
     phase("finetune", 30, lambda: finetune_report(*plan["finetune"], plan["micro"], device, ctx, plan))
     data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"], "--images", str(plan["data"]["images"])])
     phase("data", 20, lambda: bench_data(data_args))
-    # forcing each SDPA backend is the one thing here that could upset the GPU: after the main tables
-    phase("sdpa", 20, lambda: sdpa_report(*plan["sdpa"], device, ctx))
-    compile_need = 240  # until the first compilation says how long one takes
+    compile_need = 240  # until the first compilation says how long one takes; + 20 s kept for sdpa
     for name in plan["compile"]:
-        phase(f"compiled {name}", compile_need, lambda: compiled(name))
+        phase(f"compiled {name}", compile_need + 20, lambda: compiled(name))
         compile_need = 1.5 * R.get(f"compiled {name}", {}).get("compile_s", 160) + 20
+    # last: forcing each SDPA backend is the one thing here that could break the CUDA context for what follows
+    phase("sdpa", 20, lambda: sdpa_report(*plan["sdpa"], device, ctx))
     md = save()
     print(md, flush=True)
     print(f"written: {json_path} and {os.path.splitext(json_path)[0]}.md ({R['elapsed_s']:.0f} s)", flush=True)
