@@ -8,7 +8,7 @@ four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per
 
 What this file teaches, in reading order:
   the recipe -> the backbone torchvision's detectors expect (swinv2.forward_pyramid -> FPN) -> Mask R-CNN
-  with layer ids for layer-wise decay -> COCO as released and the synthetic set as COCO
+  with normalised heads and layer ids for layer-wise decay -> COCO as released and the synthetic set as COCO
   in flat arrays (no per-worker copies), with the traps (category ids 1..90 with gaps, images without objects,
   crowd regions, degenerate boxes, grayscale/CMYK) -> large-scale jitter with boxes recomputed from the cropped
   masks, bit-packed through the loader -> COCO evaluation gathered over ranks -> a picture of predictions.
@@ -29,6 +29,7 @@ import gc
 import io
 import itertools
 import json
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -44,7 +45,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -64,14 +65,15 @@ from train import print0
 class SwinFPN(nn.Module):
     """The backbone torchvision's detectors expect: (B, 3, S, S) -> an OrderedDict of five maps with
     `out_channels` channels. The FPN (Lin et al. 2017) turns swinv2's four stage maps (strides 4-32, C..8C
-    channels, each through its own LayerNorm) into '0'..'3' with top-down sums and 3x3 convs, and
-    LastLevelMaxPool adds 'pool' (stride 64) for the largest anchors, as torchvision's ResNet-FPN does."""
+    channels, each through its own LayerNorm) into '0'..'3' with top-down sums and 3x3 convs (each conv followed
+    by `norm`, if given), and LastLevelMaxPool adds 'pool' (stride 64) for the largest anchors, as torchvision's
+    ResNet-FPN does."""
 
-    def __init__(self, encoder: swinv2.SwinV2, channels):
+    def __init__(self, encoder: swinv2.SwinV2, channels, norm=None):
         super().__init__()
         self.encoder, self.out_channels = encoder, channels
         dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
-        self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm)
         self.autocast = contextlib.nullcontext()  # detect() sets train.autocast(...): bf16 on GPUs
 
     def forward(self, x):
@@ -83,21 +85,37 @@ class SwinFPN(nn.Module):
         return OrderedDict((k, v.float()) for k, v in out.items())
 
 
+def group_norm(channels):
+    """The normalisation of the 'gn' heads: GroupNorm with 32 groups (Wu & He 2018, whose Mask R-CNN puts it in the
+    FPN and the heads; detectron2's Misc/mask_rcnn_R_50_FPN_3x_gn), fewer when the CPU recipe's narrow heads would
+    leave a group one channel (InstanceNorm, the one setting of the GN paper's Table 3 that is clearly worse)."""
+    return nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels)
+
+
 class Detector(MaskRCNN):
     """torchvision's Mask R-CNN on SwinFPN, K classes + background. Its GeneralizedRCNNTransform normalises
     and resizes images so the longer side is S (min_size = max_size = S; a training image, already S x S, is
     left as it is), then pads the batch to S x S (size_divisible = S): the fixed square every stage window
-    tiles. Predictions come back at each input's own size. With C = 256 the heads are torchvision's defaults
-    (box head 1024 = 4C, mask head 4 convs of C). `cfg` and `layer_id` let finetune.param_groups apply
+    tiles. Predictions come back at each input's own size. Heads 'gn' (default): every LSJ recipe normalises the
+    neck and heads (torchvision's maskrcnn_resnet50_fpn_v2, mmdetection's LSJ baseline with SyncBN, ViTDet with
+    LayerNorm); this is v2's layout (norm after every FPN conv, 2-conv RPN head, 4conv-1fc box head, 4-conv mask
+    head with norm) with GroupNorm for v2's BatchNorm: it ignores the batch, so a run computes the same on any
+    number of GPUs, micro-batch or accumulation (BatchNorm would need SyncBN: 2 images per GPU). 'plain': the
+    original heads, no norm (1-conv RPN, 2-fc box head). `cfg` and `layer_id` let finetune.param_groups apply
     layer-wise LR decay: encoder parameters get swinv2's layer ids, all new layers the top id (full LR)."""
 
-    def __init__(self, encoder: swinv2.SwinV2, num_classes, img_size, channels=256, rois=512):
-        K = num_classes + 1  # label 0 is the background
-        super().__init__(SwinFPN(encoder, channels), min_size=img_size, max_size=img_size, size_divisible=img_size,
+    def __init__(self, encoder: swinv2.SwinV2, num_classes, img_size, channels=256, rois=512, heads="gn"):
+        C, K = channels, num_classes + 1  # label 0 is the background
+        norm = group_norm if heads == "gn" else None
+        fpn = SwinFPN(encoder, C, norm)
+        if heads == "gn":  # RPNHead(C, 3): 3 anchors per location (torchvision's default aspect ratios 0.5, 1, 2)
+            kw = dict(rpn_head=RPNHead(C, 3, conv_depth=2), box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [4 * C], norm_layer=norm))
+        else:
+            kw = dict(box_head=TwoMLPHead(C * 7 * 7, 4 * C))
+        super().__init__(fpn, min_size=img_size, max_size=img_size, size_divisible=img_size,
                          image_mean=list(data.IMAGENET_MEAN), image_std=list(data.IMAGENET_STD),
-                         box_head=TwoMLPHead(channels * 7 * 7, 4 * channels), box_predictor=FastRCNNPredictor(4 * channels, K),
-                         mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1), mask_predictor=MaskRCNNPredictor(channels, channels, K),
-                         box_batch_size_per_image=rois)
+                         box_predictor=FastRCNNPredictor(4 * C, K), mask_head=MaskRCNNHeads(C, (C,) * 4, 1, norm_layer=norm),
+                         mask_predictor=MaskRCNNPredictor(C, C, K), box_batch_size_per_image=rois, **kw)
         self.cfg = encoder.cfg
 
     def layer_id(self, name):
@@ -116,7 +134,7 @@ def build_model(args, r, ckpt, num_classes):
     missing = swinv2.load_pretrained(encoder, ckpt) if ckpt is not None else []
     if not all(k.startswith("pyramid_norms.") for k in missing):
         raise ValueError(f"--pretrained: expected only the pyramid norms to be missing, got {missing}")
-    return Detector(encoder, num_classes, r["img_size"], r["fpn_channels"], r["rois"]), missing
+    return Detector(encoder, num_classes, r["img_size"], r["fpn_channels"], r["rois"], args.heads), missing
 
 
 # -----------------------------------------------------------------------------
@@ -502,7 +520,11 @@ def get_parser():
     g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
     g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head convs C and fc 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--heads", default="gn", choices=["gn", "plain"],
+                   help="gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, 4-conv mask) with GroupNorm in them and the FPN "
+                        "(Wu & He 2018; detectron2's GN Mask R-CNN), on GPUs and CPUs alike, as batch-independent stand-in for the SyncBN of mmdetection's "
+                        "LSJ baseline; plain: torchvision's original heads without normalisation")
     g.add_argument("--rois", type=train.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")

@@ -261,7 +261,21 @@ def test_layer_decay_reaches_the_encoder_only():
                         ("rpn.head.conv.0.0.weight", 9), ("roi_heads.mask_predictor.mask_fcn_logits.weight", 9)]:
         assert where[name]["lr_scale"] == pytest.approx(0.9 ** (9 - layer)), name
     assert where["backbone.encoder.layers.1.blocks.0.attn.logit_scale"]["weight_decay"] == 0
-    assert where["roi_heads.box_head.fc6.weight"]["weight_decay"] == 0.05
+    assert where["roi_heads.box_head.5.weight"]["weight_decay"] == 0.05  # the fc of the 4conv-1fc box head
+    assert where["roi_heads.mask_head.0.1.weight"] == where["backbone.fpn.layer_blocks.0.1.weight"]  # GroupNorm: no decay
+    assert where["backbone.fpn.layer_blocks.0.1.weight"]["weight_decay"] == 0 and where["roi_heads.mask_head.0.1.weight"]["lr_scale"] == 1
+
+
+def test_normalised_heads_are_the_default_and_the_plain_ones_an_option():
+    gn, _ = detect.build_model(*tiny_args(), None, 3)
+    plain, _ = detect.build_model(*tiny_args(["--heads", "plain"]), None, 3)
+    norms = [m for m in gn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    # torchvision's v2 layout: a norm after each of the FPN's 4 + 4 convs, the box head's 4 convs and the mask
+    # head's 4; 16 groups of 2 channels at the cpu recipe's 32 (32 groups at 256, as detectron2 and the GN paper)
+    assert len(norms) == 16 and all((m.num_groups, m.num_channels) == (16, 32) for m in norms) and detect.group_norm(256).num_groups == 32
+    assert len(gn.rpn.head.conv) == 2 and [type(m).__name__ for m in gn.roi_heads.box_head][-3:] == ["Flatten", "Linear", "ReLU"]
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules()) and len(plain.rpn.head.conv) == 1
+    assert type(plain.roi_heads.box_head).__name__ == "TwoMLPHead"
 
 
 def test_official_checkpoint_loads_into_the_detector_backbone(tmp_path):
@@ -422,7 +436,8 @@ def test_trains_on_the_coco_fixture_and_evaluates(coco, tmp_path):
     assert {k: again[k] for k in metrics} == metrics and json.load(open(out / "eval.json"))["box_ap"] == metrics["box_ap"]
     # ... but not as another model: the position bias is computed from the window, so a checkpoint would load
     # into it silently; a head of another width would not load at all
-    for extra, words in [(["--window", "2"], "window_size 4 vs 2"), (["--fpn_channels", "32"], "size mismatch")]:
+    for extra, words in [(["--window", "2"], "window_size 4 vs 2"), (["--fpn_channels", "32"], "size mismatch"),
+                         (["--heads", "plain"], "Missing key(s)")]:
         with pytest.raises(SystemExit) as e:
             detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"] + extra)
         assert str(e.value.code).startswith("error:") and words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
