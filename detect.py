@@ -292,7 +292,7 @@ def open_coco(path, split):
     enabled = gc.isenabled()
     gc.disable()
     try:
-        with open(ann, "rb") as f:
+        with open(ann, encoding="utf-8") as f:  # text: json.load of bytes would hold the file twice (bytes, str)
             return CocoIndex(json.load(f), images, ann)  # the json's objects are freed on return
     finally:
         if enabled:
