@@ -520,11 +520,11 @@ def get_parser():
     g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
     g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head convs C and fc 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head fc 4C, its convs and the mask head C); default 256 (FPN paper, torchvision; cpu 32)")
     g.add_argument("--heads", default="gn", choices=["gn", "plain"],
-                   help="gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, 4-conv mask) with GroupNorm in them and the FPN "
-                        "(Wu & He 2018; detectron2's GN Mask R-CNN), on GPUs and CPUs alike, as batch-independent stand-in for the SyncBN of mmdetection's "
-                        "LSJ baseline; plain: torchvision's original heads without normalisation")
+                   help="default gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, 4-conv mask) with GroupNorm "
+                        "(32 groups; Wu & He 2018, detectron2's GN Mask R-CNN) in them and the FPN, on GPUs and CPUs alike: batch-independent, "
+                        "where mmdetection's LSJ baseline needs SyncBN; plain: torchvision's original heads, no normalisation")
     g.add_argument("--rois", type=train.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
