@@ -606,7 +606,9 @@ def dense_step(task, name, b, device, ctx, grad_ckpt):
     script = importlib.import_module(task)  # detect or segment: imported here, so nothing else needs them
     r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "cpu"])
     K = dict(detect=80, segment=150)[task]
-    model, _ = script.build_model(argparse.Namespace(model=name, seed=0, grad_ckpt=grad_ckpt), r, None, K)
+    args = script.get_parser().parse_args(["--model", name, "--pretrained", "none"])  # the script's defaults (detect: --heads gn)
+    args.grad_ckpt = grad_ckpt
+    model, _ = script.build_model(args, r, None, K)
     model = model.to(device).train()
     opt = train.adamw(finetune.param_groups(model, 0.05, r["layer_decay"]), r["lr"])
     S, g = r["img_size" if task == "detect" else "crop"], torch.Generator().manual_seed(0)

@@ -8,9 +8,10 @@ four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per
 
 What this file teaches, in reading order:
   the recipe -> the backbone torchvision's detectors expect (swinv2.forward_pyramid -> FPN) -> Mask R-CNN
-  with layer ids for layer-wise decay -> COCO as released and the synthetic set as COCO, with the traps
-  (category ids 1..90 with gaps, images without objects, crowd regions, degenerate boxes, grayscale/CMYK)
-  -> large-scale jitter with transforms.v2 -> COCO evaluation gathered over ranks -> a picture of predictions.
+  with normalised heads and layer ids for layer-wise decay -> COCO as released and the synthetic set as COCO
+  in flat arrays (no per-worker copies), with the traps (category ids 1..90 with gaps, images without objects,
+  crowd regions, degenerate boxes, grayscale/CMYK) -> large-scale jitter with boxes recomputed from the cropped
+  masks, bit-packed through the loader -> COCO evaluation gathered over ranks -> a picture of predictions.
 
     python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k    # CPU, a few minutes
     python detect.py --model tiny --data synthetic --pretrained none                    # from scratch
@@ -18,12 +19,17 @@ What this file teaches, in reading order:
     python detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k --eval_only
 
 Inputs are fixed squares, so every stage map tiles with its window: training images are jittered, then
-cropped or padded to the square; evaluation images are resized (longer side to the square) and padded, by
-torchvision's own GeneralizedRCNNTransform, which also maps the predictions back to the original image.
+cropped or padded (bottom-right) to the square; evaluation images are resized (longer side to the square) and
+padded bottom-right by torchvision's own GeneralizedRCNNTransform, which also maps the predictions back.
 The training loop, run directory and resume are train.py's (train.loop). Read next: analyze.py.
 """
 import contextlib
+import functools
+import gc
 import io
+import itertools
+import json
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -33,13 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -59,14 +65,15 @@ from train import print0
 class SwinFPN(nn.Module):
     """The backbone torchvision's detectors expect: (B, 3, S, S) -> an OrderedDict of five maps with
     `out_channels` channels. The FPN (Lin et al. 2017) turns swinv2's four stage maps (strides 4-32, C..8C
-    channels, each through its own LayerNorm) into '0'..'3' with top-down sums and 3x3 convs, and
-    LastLevelMaxPool adds 'pool' (stride 64) for the largest anchors, as torchvision's ResNet-FPN does."""
+    channels, each through its own LayerNorm) into '0'..'3' with top-down sums and 3x3 convs (each conv followed
+    by `norm`, if given), and LastLevelMaxPool adds 'pool' (stride 64) for the largest anchors, as torchvision's
+    ResNet-FPN does."""
 
-    def __init__(self, encoder: swinv2.SwinV2, channels):
+    def __init__(self, encoder: swinv2.SwinV2, channels, norm=None):
         super().__init__()
         self.encoder, self.out_channels = encoder, channels
         dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
-        self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm)
         self.autocast = contextlib.nullcontext()  # detect() sets train.autocast(...): bf16 on GPUs
 
     def forward(self, x):
@@ -78,21 +85,37 @@ class SwinFPN(nn.Module):
         return OrderedDict((k, v.float()) for k, v in out.items())
 
 
+def group_norm(channels):
+    """The normalisation of the 'gn' heads: GroupNorm with 32 groups (Wu & He 2018, whose Mask R-CNN puts it in the
+    FPN and the heads; detectron2's Misc/mask_rcnn_R_50_FPN_3x_gn), fewer when the CPU recipe's narrow heads would
+    leave a group one channel (InstanceNorm, the one setting of the GN paper's Table 3 that is clearly worse)."""
+    return nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels)
+
+
 class Detector(MaskRCNN):
     """torchvision's Mask R-CNN on SwinFPN, K classes + background. Its GeneralizedRCNNTransform normalises
     and resizes images so the longer side is S (min_size = max_size = S; a training image, already S x S, is
     left as it is), then pads the batch to S x S (size_divisible = S): the fixed square every stage window
-    tiles. Predictions come back at each input's own size. With C = 256 the heads are torchvision's defaults
-    (box head 1024 = 4C, mask head 4 convs of C). `cfg` and `layer_id` let finetune.param_groups apply
+    tiles. Predictions come back at each input's own size. Heads 'gn' (default): every LSJ recipe normalises the
+    neck and heads (torchvision's maskrcnn_resnet50_fpn_v2, mmdetection's LSJ baseline with SyncBN, ViTDet with
+    LayerNorm); this is v2's layout (norm after every FPN conv, 2-conv RPN head, 4conv-1fc box head, 4-conv mask
+    head with norm) with GroupNorm for v2's BatchNorm: it ignores the batch, so a run computes the same on any
+    number of GPUs, micro-batch or accumulation (BatchNorm would need SyncBN: 2 images per GPU). 'plain': the
+    original heads, no norm (1-conv RPN, 2-fc box head). `cfg` and `layer_id` let finetune.param_groups apply
     layer-wise LR decay: encoder parameters get swinv2's layer ids, all new layers the top id (full LR)."""
 
-    def __init__(self, encoder: swinv2.SwinV2, num_classes, img_size, channels=256, rois=512):
-        K = num_classes + 1  # label 0 is the background
-        super().__init__(SwinFPN(encoder, channels), min_size=img_size, max_size=img_size, size_divisible=img_size,
+    def __init__(self, encoder: swinv2.SwinV2, num_classes, img_size, channels=256, rois=512, heads="gn"):
+        C, K = channels, num_classes + 1  # label 0 is the background
+        norm = group_norm if heads == "gn" else None
+        fpn = SwinFPN(encoder, C, norm)
+        if heads == "gn":  # RPNHead(C, 3): 3 anchors per location (torchvision's default aspect ratios 0.5, 1, 2)
+            kw = dict(rpn_head=RPNHead(C, 3, conv_depth=2), box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [4 * C], norm_layer=norm))
+        else:
+            kw = dict(box_head=TwoMLPHead(C * 7 * 7, 4 * C))
+        super().__init__(fpn, min_size=img_size, max_size=img_size, size_divisible=img_size,
                          image_mean=list(data.IMAGENET_MEAN), image_std=list(data.IMAGENET_STD),
-                         box_head=TwoMLPHead(channels * 7 * 7, 4 * channels), box_predictor=FastRCNNPredictor(4 * channels, K),
-                         mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1), mask_predictor=MaskRCNNPredictor(channels, channels, K),
-                         box_batch_size_per_image=rois)
+                         box_predictor=FastRCNNPredictor(4 * C, K), mask_head=MaskRCNNHeads(C, (C,) * 4, 1, norm_layer=norm),
+                         mask_predictor=MaskRCNNPredictor(C, C, K), box_batch_size_per_image=rois, **kw)
         self.cfg = encoder.cfg
 
     def layer_id(self, name):
@@ -111,21 +134,131 @@ def build_model(args, r, ckpt, num_classes):
     missing = swinv2.load_pretrained(encoder, ckpt) if ckpt is not None else []
     if not all(k.startswith("pyramid_norms.") for k in missing):
         raise ValueError(f"--pretrained: expected only the pyramid norms to be missing, got {missing}")
-    return Detector(encoder, num_classes, r["img_size"], r["fpn_channels"], r["rois"]), missing
+    return Detector(encoder, num_classes, r["img_size"], r["fpn_channels"], r["rois"], args.heads), missing
 
 
 # -----------------------------------------------------------------------------
-# data: COCO as released, the synthetic set as COCO, targets for torchvision
+# data: COCO as released and the synthetic set as COCO, in flat arrays; large-scale jitter; targets for torchvision
 
 
-class SyntheticCoco(CocoDetection):
+class CocoIndex(torch.utils.data.Dataset):
+    """A COCO annotation file as flat numpy arrays, and its images. Item i is (uint8 image (3, H, W), target), target
+    = {boxes (N, 4) XYXY float32 as annotated, masks (N, H, W) uint8 as pycocotools' annToMask, labels (N,) int64}.
+    Why not pycocotools' COCO object (or torchvision's CocoDetection on it): for train2017 (118K images, 860K
+    polygons) it is ~2 GB of Python objects per process, which every data-loader worker copies page by page as it
+    reads (reference counts and the garbage collector write to each object they visit). Here the json's objects
+    live only while the index is built; what stays is per image its file name (data.Names), id, size and first
+    annotation, per annotation its box, label, crowd flag, and polygons (all coordinates in one float64 array, as
+    pycocotools rasterises the json's doubles) or RLE (compressed), and reading writes to none of it (detectron2
+    serialises its dataset dicts into numpy buffers for the same reason). The COCO object is built only where
+    COCOeval needs it: `.coco`, on first use (rank 0, validation set). The COCO traps: category ids (1..90 with
+    gaps) become labels 1..K in sorted order (torchvision wants contiguous labels, 0 = background; `cat_ids[label
+    - 1]` maps back); crowd regions stay in the index, out of the targets (they are 'ignore' regions, which only
+    COCOeval knows how to use); an image without annotations gets empty targets (a valid negative example)."""
+
+    def __init__(self, d, root, path=None):
+        images, anns = d["images"], d["annotations"]
+        # Mask R-CNN trains on masks: a detection-only json (boxes, no polygons) is refused before any work
+        bare = next((a["id"] for a in anns if "segmentation" not in a), None)
+        if bare is not None:
+            raise ValueError(f"{path or 'annotations'}: annotation id {bare} has no 'segmentation' (boxes only); Mask R-CNN needs instance masks")
+        self.root, self.source = root, path or d  # what .coco is built from: the json file, else the dict itself
+        self.cat_ids = sorted(c["id"] for c in d["categories"])
+        self.classes = [c["name"] for c in sorted(d["categories"], key=lambda c: c["id"])]
+        self.names = data.Names.from_list([im["file_name"] for im in images])
+        self.ids = np.array([im["id"] for im in images], np.int64)
+        self.sizes = np.array([(im["height"], im["width"]) for im in images], np.int64).reshape(-1, 2)  # (H, W)
+        # annotations grouped by image, in the json's order within an image (as pycocotools lists them):
+        # image k's are rows first[k]:first[k + 1] of the per-annotation arrays
+        image_of = positions(self.ids, [a["image_id"] for a in anns], "image_id", path)
+        order = np.argsort(image_of, kind="stable")
+        self.first = np.searchsorted(image_of[order], np.arange(len(images) + 1))
+        anns, image_of = [anns[j] for j in order], image_of[order]
+        self.boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)  # XYWH
+        self.labels = positions(np.array(self.cat_ids), [a["category_id"] for a in anns], "category_id", path) + 1
+        self.crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
+        # segmentations: annotation k's polygons are polys[k]:polys[k + 1], polygon p is coords[ends[p]:ends[p + 1]];
+        # or it is RLE number which[k] (-1: polygons), kept compressed (COCO's crowd regions come uncompressed)
+        segs = [a["segmentation"] for a in anns]
+        polygons = [s if isinstance(s, list) else [] for s in segs]
+        self.polys = np.cumsum([0] + [len(p) for p in polygons])
+        polygons = [p for ps in polygons for p in ps]
+        self.ends = np.cumsum([0] + [len(p) for p in polygons])
+        self.coords = np.fromiter(itertools.chain.from_iterable(polygons), np.float64, count=int(self.ends[-1]))
+        regions = [k for k, s in enumerate(segs) if isinstance(s, dict)]
+        self.which = np.full(len(anns), -1, np.int64)
+        self.which[regions] = np.arange(len(regions))
+        self.rle = data.Names.from_list([rle_counts(segs[k], *self.sizes[image_of[k]]) for k in regions])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def name(self, i):  # name(i) and open(i): data.failure names an unreadable image, and why
+        return self.names[i]
+
+    def open(self, i):
+        return Image.open(os.path.join(self.root, self.names[i])), None
+
+    def image(self, i):
+        """Image i as uint8 (3, H, W) RGB (grayscale and CMYK JPEGs converted)."""
+        img, _ = self.open(i)
+        with img:
+            return v2.functional.pil_to_tensor(data.to_rgb(img))
+
+    def target(self, i):
+        H, W = (int(v) for v in self.sizes[i])
+        anns = [k for k in range(self.first[i], self.first[i + 1]) if not self.crowd[k]]
+        masks = np.zeros((len(anns), H, W), np.uint8)
+        for n, k in enumerate(anns):
+            polygons = [self.coords[self.ends[p]:self.ends[p + 1]].tolist() for p in range(self.polys[k], self.polys[k + 1])]
+            if self.which[k] >= 0:
+                masks[n] = mask_util.decode(dict(size=[H, W], counts=self.rle[self.which[k]].encode()))
+            elif polygons:  # as annToMask; no segmentation at all leaves the mask empty (the jitter drops it)
+                masks[n] = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, H, W)))
+        anns = np.array(anns, np.int64)
+        boxes = self.boxes[anns].copy()
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+        return dict(boxes=torch.from_numpy(boxes), masks=torch.from_numpy(masks), labels=torch.from_numpy(self.labels[anns]))
+
+    def __getitem__(self, i):
+        image, target = self.image(i), self.target(i)
+        if image.shape[1:] != target["masks"].shape[1:]:
+            raise ValueError(f"{self.names[i]} is {image.shape[2]} x {image.shape[1]}, its annotations {target['masks'].shape[2]} x {target['masks'].shape[1]}")
+        return image, target
+
+    @functools.cached_property
+    def coco(self):
+        """pycocotools' COCO object of the same annotations, for COCOeval (built on first use)."""
+        if isinstance(self.source, dict):
+            return coco_from_dict(self.source)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            return COCO(self.source)
+
+
+def positions(keys, values, what, path):
+    """The position in `keys` of each value (ids -> rows); a value not among them is an error naming it."""
+    keys, values = np.asarray(keys, np.int64), np.asarray(values, np.int64)
+    order = np.argsort(keys)
+    at = order[np.searchsorted(keys, values, sorter=order).clip(max=len(keys) - 1)] if len(keys) else np.zeros(0, np.int64)
+    wrong = values[keys[at] != values] if len(keys) else values
+    if len(wrong):
+        raise ValueError(f"{path or 'annotations'}: an annotation's {what} {wrong[0]} is not in the json's list")
+    return at
+
+
+def rle_counts(segmentation, h, w):
+    """An RLE segmentation's compressed counts, str (pycocotools compresses an uncompressed one)."""
+    counts = mask_util.frPyObjects(segmentation, h, w)["counts"] if isinstance(segmentation["counts"], list) else segmentation["counts"]
+    return counts.decode() if isinstance(counts, bytes) else counts
+
+
+class SyntheticCoco(CocoIndex):
     """data.SyntheticImages as a COCO dataset held in memory: the main shape and the small distracting shape of
     each image are its instances (category id = class + 1, an RLE mask of the visible pixels, its box), so
     training and evaluation below treat it exactly like COCO. Only the image loading differs."""
 
     def __init__(self, images: data.SyntheticImages):
-        VisionDataset.__init__(self, root=None)
-        self.images, anns = images, []
+        anns = []
         for i in range(len(images)):
             for cls, m in images.scene(i)[2]:
                 if m.any():  # the small shape can fall outside the image
@@ -133,12 +266,12 @@ class SyntheticCoco(CocoDetection):
                     anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
                                      bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
         S = data.SYNTHETIC_SIZE
-        self.coco = coco_from_dict(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
-                                        annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]))
-        self.ids = list(range(len(images)))
+        super().__init__(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
+                              annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]), root="")
+        self.images = images
 
-    def _load_image(self, id):
-        return self.images.scene(id)[0]
+    def open(self, i):
+        return self.images.scene(i)[0], None
 
 
 def coco_from_dict(dataset):
@@ -151,78 +284,102 @@ def coco_from_dict(dataset):
 
 
 def open_coco(path, split):
-    """--data -> a CocoDetection of `split` (train or val): a COCO folder as released, or 'synthetic[:N]'
-    (N training images, 500 validation images). CocoDetection decodes every image to RGB, grayscale and CMYK too."""
+    """--data -> the CocoIndex of `split` (train or val): a COCO folder as released, or 'synthetic[:N]' (N
+    training images, 500 validation images)."""
     if path == "synthetic" or path.startswith("synthetic:"):
         return SyntheticCoco(data.open_dataset(path, split))
     ann, images = os.path.join(path, "annotations", f"instances_{split}2017.json"), os.path.join(path, f"{split}2017")
     if not (os.path.isfile(ann) and os.path.isdir(images)):
         raise FileNotFoundError(f"--data {path}: no annotations/instances_{split}2017.json and {split}2017/ (want COCO as released, or 'synthetic[:N]')")
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = CocoDetection(images, ann)
-    # Mask R-CNN trains on masks: a detection-only json (boxes, no polygons) is refused before any work
-    bare = next((a["id"] for a in coco.coco.dataset.get("annotations", []) if "segmentation" not in a), None)
-    if bare is not None:
-        raise ValueError(f"{ann}: annotation id {bare} has no 'segmentation' (boxes only); Mask R-CNN needs instance masks")
-    return coco
+    # json.load makes millions of lists and dicts, which the garbage collector would go through again and again as
+    # they pile up (half the load time of train2017); they hold no cycles, so nothing is missed
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with open(ann, encoding="utf-8") as f:  # text: json.load of bytes would hold the file twice (bytes, str)
+            return CocoIndex(json.load(f), images, ann)  # the json's objects are freed on return
+    finally:
+        if enabled:
+            gc.enable()
 
 
-class Instances:
-    """(image, target) pairs in torchvision's detection format from a CocoDetection. torchvision's v2 wrapper
-    turns the annotations into tv_tensors (XYXY boxes; masks decoded from polygons or RLE), so the v2
-    transforms move them with the image. Then the COCO traps: category ids (1..90 with gaps in COCO) become
-    labels 1..K (torchvision wants contiguous labels, 0 = background; `cat_ids[label - 1]` maps back); crowd
-    regions are dropped (they are 'ignore' regions, which only COCOeval knows how to use); an image without
-    annotations gets empty targets (a valid negative example for Mask R-CNN)."""
-
-    def __init__(self, coco_set: CocoDetection):
-        self.coco_set, self.coco, self.root = coco_set, coco_set.coco, coco_set.root or ""
-        self.cat_ids = sorted(self.coco.getCatIds())
-        self.names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        self.label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
-        self.wrapped = wrap_dataset_for_transforms_v2(coco_set, target_keys={"boxes", "masks", "labels", "iscrowd"})
-
-    def __len__(self):
-        return len(self.coco_set)
-
-    def name(self, i):  # name(i) and open(i): data.failure names an unreadable image, and why
-        return self.coco.imgs[self.coco_set.ids[i]]["file_name"]
-
-    def open(self, i):
-        return self.coco_set._load_image(self.coco_set.ids[i]), None
-
-    def __getitem__(self, i):
-        image, t = self.wrapped[i]  # a PIL RGB image, the wrapped annotations
-        size = (image.height, image.width)
-        if "boxes" not in t:  # no annotations at all
-            t = dict(boxes=torch.zeros(0, 4), masks=torch.zeros(0, *size, dtype=torch.uint8), labels=torch.zeros(0, dtype=torch.int64), iscrowd=[])
-        keep = torch.tensor(t["iscrowd"], dtype=torch.bool).logical_not()
-        return image, dict(boxes=tv_tensors.BoundingBoxes(t["boxes"][keep], format="XYXY", canvas_size=size),
-                           masks=tv_tensors.Mask(t["masks"][keep]),
-                           labels=torch.tensor([self.label[int(c)] for c in t["labels"][keep]], dtype=torch.int64))
+def training_set(path):
+    """The training images of --data, indexable: len() and items (image, target) as CocoIndex (what the training
+    stream reads; measured at COCO's size in README's Detection section)."""
+    return open_coco(path, "train")
 
 
-def train_transform(size, jitter):
-    """Large-scale jitter (Ghiasi et al. 2021, as in ViTDet and the SimMIM detection config): resize by a random
-    factor in `jitter` times the scale that fits the image in the size x size square, then a random size x size
-    crop, padding with the mean colour where the image is smaller (the pad normalises to 0, as the evaluation
-    batch's padding); then a horizontal flip. torchvision moves boxes and masks with the image and clips the
-    boxes to the crop; SanitizeBoundingBoxes drops boxes left under 1 px (cropped away, tiny, or degenerate in
-    the annotations) with their masks and labels. Images stay uint8 (4x less to move between processes)."""
-    mean = tuple(round(255 * m) for m in data.IMAGENET_MEAN)
-    return v2.Compose([v2.ToImage(), v2.ScaleJitter((size, size), jitter),
-                       v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: mean, "others": 0}),
-                       v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()])
+def jitter(image, target, size, scale, offset, flip):
+    """Large-scale jitter (Ghiasi et al. 2021) of one image, its random draws given: `flip` it; resize by `scale` x
+    the factor that fits it in the size x size square (bilinear, antialiased; rounded as detectron2's ResizeScale);
+    where larger than the square, crop at `offset` (fractions of the room in y, x); where smaller, pad bottom-right
+    with the mean colour (it normalises to 0, as evaluation's padding), as detectron2's FixedSizeCrop. Then each box
+    is recomputed from its cropped mask (detectron2's recompute_boxes, mmdetection's RandomCrop(recompute_bbox=True)):
+    a box clamped to the crop keeps the width of an L-shaped object cut to its vertical bar. An instance whose mask
+    is empty (cropped away, too small, degenerate in the annotations) is dropped (mmdetection's FilterAnnotations).
+    Returns (uint8 (3, size, size), {boxes (N', 4) XYXY float32, mask_bits (N', size, ceil(size / 8)), labels (N',)})."""
+    masks = target["masks"]  # (N, H, W) uint8
+    if flip:
+        image, masks = image.flip(-1), masks.flip(-1)
+    H, W = image.shape[1:]
+    r = float(scale) * size / max(H, W)
+    h, w = max(1, round(H * r)), max(1, round(W * r))
+    y0, x0 = (round(float(f) * max(n - size, 0)) for f, n in zip(offset, (h, w)))
+    image = v2.functional.resize(image, [h, w], antialias=True)[:, y0:y0 + size, x0:x0 + size]
+    # masks: nearest neighbour, sampled only at the crop's pixels: crop pixel (i, j) is resized pixel (y0 + i, x0 + j),
+    # whose centre lies over source pixel ((y0 + i + 0.5) H / h, (x0 + j + 0.5) W / w); no (N, h, w) tensor is made
+    rows = ((torch.arange(y0, y0 + image.shape[1]) + 0.5) * H / h).long().clamp(max=H - 1)
+    cols = ((torch.arange(x0, x0 + image.shape[2]) + 0.5) * W / w).long().clamp(max=W - 1)
+    masks = masks[:, rows[:, None], cols]  # (N, h', w'), h', w' <= size
+    boxes = mask_boxes(masks)
+    keep = boxes[:, 2] > boxes[:, 0]  # a non-empty mask
+    out = torch.tensor(data.FILL, dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
+    out[:, :image.shape[1], :image.shape[2]] = image
+    bits = np.zeros((int(keep.sum()), size, (size + 7) // 8), np.uint8)  # the padding is 0s
+    packed = np.packbits(masks[keep].numpy(), axis=-1)  # (N', h', ceil(w' / 8)); unpack_masks undoes it
+    bits[:, :packed.shape[1], :packed.shape[2]] = packed
+    return out, dict(boxes=boxes[keep], mask_bits=torch.from_numpy(bits), labels=target["labels"][keep])
+
+
+def mask_boxes(masks):
+    """(N, H, W) masks -> (N, 4) XYXY float32 boxes tight around each mask's pixels (pixel (y, x) spans [x, x + 1) x
+    [y, y + 1)), as detectron2's BitMasks.get_bounding_boxes; an empty mask gets (0, 0, 0, 0)."""
+    cols, rows = masks.any(1).bool(), masks.any(2).bool()  # (N, W), (N, H): the columns and rows the mask touches
+    x, y = torch.arange(cols.shape[1]), torch.arange(rows.shape[1])
+    boxes = torch.stack([torch.where(cols, x, cols.shape[1]).amin(1), torch.where(rows, y, rows.shape[1]).amin(1),
+                         torch.where(cols, x + 1, 0).amax(1), torch.where(rows, y + 1, 0).amax(1)], 1)
+    return boxes.float() * cols.any(1, keepdim=True)
+
+
+def unpack_masks(bits, width):
+    """(N, H, ceil(W / 8)) uint8 of np.packbits (first pixel in the high bit) -> (N, H, W) uint8 0/1, on bits' device:
+    the training process unpacks what the workers packed (8x less shared memory per item; see README)."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return (bits[..., None] >> shifts & 1).flatten(-2)[..., :width]
+
+
+class LargeScaleJitter:
+    """jitter with its random draws (torch's generator, which PairStream seeds by stream position): a flip with
+    probability 0.5, a scale uniform in `scale_range` (LSJ: 0.1-2.0), crop offsets uniform (independent in y and x,
+    as torchvision's and mmdetection's RandomCrop; detectron2 draws one fraction for both)."""
+
+    def __init__(self, size, scale_range):
+        self.size, self.scale_range = size, scale_range
+
+    def __call__(self, image, target):
+        lo, hi = self.scale_range
+        flip, scale, offset = bool(torch.rand(()) < 0.5), lo + (hi - lo) * float(torch.rand(())), torch.rand(2).tolist()
+        return jitter(image, target, self.size, scale, offset, flip)
 
 
 class PairStream(data.TrainStream):
     """data.TrainStream for (image, target) pairs: stream position p is image perm_e[p % n] of pass e = p // n,
     with its jitter, crop and flip seeded by (seed, p), so step s gets the same global batch for any world size
     or accumulation and a resumed run continues exactly; an unreadable image is replaced by the next position's
-    (train.loop names and counts it). Items: (uint8 image (3, S, S), target of plain tensors, p, files skipped)."""
+    (train.loop names and counts it). Items: (uint8 image (3, S, S), target with bit-packed masks, p, files skipped)."""
 
-    def __init__(self, instances: Instances, transform, seed):
-        super().__init__(instances, np.arange(len(instances)), transform, seed)
+    def __init__(self, index: CocoIndex, transform, seed):
+        super().__init__(index, np.arange(len(index)), transform, seed)
 
     def __getitem__(self, pos):
         for bad in range(data.MAX_BAD):
@@ -232,7 +389,7 @@ class PairStream(data.TrainStream):
                     image, target = self.transform(*self.dataset[self.index(pos + bad)])
                 except data.READ_ERRORS:
                     continue
-            return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}, pos, bad
+            return image, target, pos, bad
         raise RuntimeError(f"{data.MAX_BAD} unreadable images in a row from stream position {pos}: check --data")
 
 
@@ -240,15 +397,15 @@ class EvalImages(torch.utils.data.Dataset):
     """Validation images at their original size, uint8 (3, H, W), with their COCO image ids: the model's
     transform resizes and pads them, and maps its predictions back to this size."""
 
-    def __init__(self, coco_set: CocoDetection, indices):
-        self.coco_set, self.indices = coco_set, [int(i) for i in indices]  # CocoDetection wants Python ints
+    def __init__(self, index: CocoIndex, indices):
+        self.index, self.indices = index, [int(i) for i in indices]
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         k = self.indices[i]
-        return v2.functional.pil_to_tensor(self.coco_set[k][0]), self.coco_set.ids[k]
+        return self.index.image(k), int(self.index.ids[k])
 
 
 def collate(batch):
@@ -261,6 +418,12 @@ def collate(batch):
 def model_input(images, device):
     """uint8 images -> what torchvision's detectors take: float in [0, 1] on the device (they normalise)."""
     return [x.to(device, non_blocking=True).float().div(255) for x in images]
+
+
+def model_targets(targets, size, device):
+    """The stream's targets -> torchvision's, on the device: masks unpacked to (N, size, size) uint8 there."""
+    return [dict(boxes=t["boxes"].to(device, non_blocking=True), labels=t["labels"].to(device, non_blocking=True),
+                 masks=unpack_masks(t["mask_bits"].to(device, non_blocking=True), size)) for t in targets]
 
 
 # -----------------------------------------------------------------------------
@@ -303,10 +466,10 @@ def coco_ap(coco_gt, results, image_ids):
 
 
 @torch.no_grad()
-def evaluate(model, loader, coco_gt, cat_ids, device):
+def evaluate(model, loader, gt: CocoIndex, cat_ids, device):
     """Box and mask AP in percent of the raw (unwrapped) model on the loader's images. Each rank predicts its
     shard (data.shard: every image exactly once), rank 0 gathers the COCO results of all ranks and runs
-    COCOeval, and every rank returns its numbers, which are the same for any world size."""
+    COCOeval on gt.coco (built there only), and every rank returns its numbers, the same for any world size."""
     model.eval()
     results, image_ids = [], []
     for images, ids in loader:
@@ -321,20 +484,20 @@ def evaluate(model, loader, coco_gt, cat_ids, device):
         dist.gather_object((results, image_ids), parts, dst=0)
         if master:
             results, image_ids = [r for p in parts for r in p[0]], [i for p in parts for i in p[1]]
-    metrics = [coco_ap(coco_gt, sorted(results, key=lambda d: d["image_id"]), image_ids) if master else None]
+    metrics = [coco_ap(gt.coco, sorted(results, key=lambda d: d["image_id"]), image_ids) if master else None]
     if dist.is_initialized():
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
 
 
 @torch.no_grad()
-def save_pictures(path, model, coco_set, indices, names, device, n=4, min_score=0.3, top=3, size=320):
+def save_pictures(path, model, index, indices, names, device, n=4, min_score=0.3, top=3, size=320):
     """The `top` best predictions (class, score, mask, box) with score >= min_score on n validation images, drawn
     by torchvision on each image enlarged so its longer side is `size`, side by side in one PNG."""
     model.eval()
     tiles = []
     for k in indices[:n]:
-        image = v2.functional.to_image(coco_set[int(k)][0])  # (3, H, W) uint8
+        image = index.image(int(k))  # (3, H, W) uint8
         pred = model(model_input([image], device))[0]
         keep = (pred["scores"] >= min_score) & (torch.arange(len(pred["scores"]), device=device) < top)  # sorted by score
         boxes = tv_tensors.BoundingBoxes(pred["boxes"][keep].float().cpu(), format="XYXY", canvas_size=image.shape[-2:])
@@ -364,7 +527,11 @@ def get_parser():
     g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
     g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head 4C, mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head fc 4C, its convs and the mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--heads", default="gn", choices=["gn", "plain"],
+                   help="default gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, 4-conv mask) with GroupNorm "
+                        "(32 groups; Wu & He 2018, detectron2's GN Mask R-CNN) in them and the FPN, on GPUs and CPUs alike: batch-independent, "
+                        "where mmdetection's LSJ baseline needs SyncBN; plain: torchvision's original heads, no normalisation")
     g.add_argument("--rois", type=train.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
@@ -468,20 +635,19 @@ def main(argv=None):
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         ckpt, pretrained = finetune.read_pretrained(args.pretrained, args.allow_unfinished)
-        train_set, val_set = open_coco(args.data, "train"), open_coco(args.data, "val")
-        instances = Instances(train_set)
-        if sorted(val_set.coco.getCatIds()) != instances.cat_ids:
+        train_set, val_set = training_set(args.data), open_coco(args.data, "val")
+        if val_set.cat_ids != train_set.cat_ids:
             raise ValueError(f"--data {args.data}: the validation categories are not the training categories")
-        steps(r, len(instances), args.eval_every)
-        model, missing = build_model(args, r, ckpt, len(instances.cat_ids))
+        steps(r, len(train_set), args.eval_every)
+        model, missing = build_model(args, r, ckpt, len(train_set.cat_ids))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return train.launch(r["out_dir"], detect, args, r, model, missing, pretrained, instances, val_set)
+    return train.launch(r["out_dir"], detect, args, r, model, missing, pretrained, train_set, val_set)
 
 
-def detect(args, r, model, missing, pretrained, instances, val_set, run, device, rank, world):
-    master, K, N, B = rank == 0, len(instances.cat_ids), len(instances), r["batch_size"]
+def detect(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
+    master, K, N, B = rank == 0, len(train_set.cat_ids), len(train_set), r["batch_size"]
     dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
     p = pretrained
     print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
@@ -510,11 +676,11 @@ def detect(args, r, model, missing, pretrained, instances, val_set, run, device,
     identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
 
     def coco_eval(step):  # every rank; rank 0 draws
-        metrics = evaluate(raw_model, val_loader, val_set.coco, instances.cat_ids, device)
+        metrics = evaluate(raw_model, val_loader, val_set, train_set.cat_ids, device)
         if master:
             pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
             tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} on {len(val_idx)} images")
-            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, instances.names, device)
+            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train_set.classes, device)
         return dict(epoch=step / r["epoch_steps"], **metrics)
 
     if args.eval_only:  # a measurement of the run directory's checkpoint: no lock, nothing written but eval.json
@@ -531,18 +697,18 @@ def detect(args, r, model, missing, pretrained, instances, val_set, run, device,
     if master:
         train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
                                                   micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
-                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=instances.names,
+                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=train_set.classes,
                                                   torch=str(torch.__version__)))
 
     # ---- the loop (train.loop): the five Mask R-CNN losses are the terms of each log row
-    stream = PairStream(instances, train_transform(r["img_size"], r["jitter"]), args.seed)
+    stream = PairStream(train_set, LargeScaleJitter(r["img_size"], r["jitter"]), args.seed)
     sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
     batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
     if world > 1:
         model = train.ddp(model, device)
 
     def loss_fn(batch):
-        images, targets = model_input(batch[0], device), [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
+        images, targets = model_input(batch[0], device), model_targets(batch[1], r["img_size"], device)
         losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch; bf16 in the backbone only
         return sum(losses.values()), losses
 

@@ -1,6 +1,8 @@
 """detect.py: a COCO-format fixture with the traps (category ids with gaps, an image without objects, a crowd RLE
-region, a degenerate box, grayscale and CMYK JPEGs), the geometry of the fixed square input, COCO AP of perfect
-and of shifted predictions, evaluation over two processes, loading an official checkpoint into the backbone."""
+region, a degenerate box, grayscale and CMYK JPEGs) and a COCO-sized json's generator, the compact index against
+pycocotools, large-scale jitter (boxes from the cropped masks, bit-packed masks), the geometry of the fixed square
+input, the normalised and the plain heads, COCO AP of perfect and of shifted predictions, evaluation over two
+processes, loading an official checkpoint into the backbone."""
 import json
 import os
 import shutil
@@ -56,6 +58,44 @@ def write_split(root, split, images):
     json.dump(dict(images=entries, annotations=anns, categories=CATS), open(root / "annotations" / f"instances_{split}2017.json", "w"))
 
 
+# COCO's 80 category ids (1..90 with gaps), for a json at COCO's scale
+COCO_CAT_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def write_coco_sized(root, images=118_287, annotations=860_001, vertices=19, seed=0):
+    """A train2017 at COCO's scale, for measuring what the index costs (the released one: 118,287 images,
+    860,001 annotations, 1,021 images without any): `annotations` polygons of `vertices` points with 2 decimals,
+    as COCO's, on 640 x 480 images picked at random but for the last 0.86 % (or one), in no order of image; COCO's
+    category ids and image fields. Every image file is a link to one JPEG. The defaults write 410 MB of json in
+    about two minutes."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "annotations", exist_ok=True)
+    os.makedirs(root / "train2017", exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / "one.jpg")
+    for k in range(1, images + 1):
+        os.symlink(root / "one.jpg", root / "train2017" / f"{k:012d}.jpg")
+    owner = rng.integers(1, images + 1 - max(1, round(0.0086 * images)), annotations)
+    angle = np.sort(rng.uniform(0, 2 * np.pi, (annotations, vertices)), axis=1)
+    radius = rng.uniform(4, 60, (annotations, 1)) * rng.uniform(0.6, 1, (annotations, vertices))
+    xs = np.round(rng.uniform(60, 580, (annotations, 1)) + radius * np.cos(angle), 2)
+    ys = np.round(rng.uniform(60, 420, (annotations, 1)) + radius * np.sin(angle), 2)
+    area = np.round(0.5 * np.abs((xs * np.roll(ys, -1, 1) - np.roll(xs, -1, 1) * ys).sum(1)), 2)
+    category = rng.choice(COCO_CAT_IDS, annotations)
+    with open(root / "annotations" / "instances_train2017.json", "w") as f:
+        f.write('{"info": {"description": "COCO-sized test json"}, "licenses": [{"id": 1, "name": "test"}], "images": [')
+        f.write(", ".join(json.dumps(dict(license=1, file_name=f"{k:012d}.jpg", coco_url=f"http://images.cocodataset.org/train2017/{k:012d}.jpg",
+                                          height=480, width=640, date_captured="2013-11-14 11:18:45",
+                                          flickr_url=f"http://farm4.staticflickr.com/0/{k}_z.jpg", id=k)) for k in range(1, images + 1)))
+        f.write('], "annotations": [')
+        for j in range(annotations):
+            poly = np.stack([xs[j], ys[j]], 1).ravel().tolist()
+            x0, y0 = xs[j].min(), ys[j].min()
+            box = [round(x0, 2), round(y0, 2), round(xs[j].max() - x0, 2), round(ys[j].max() - y0, 2)]
+            f.write((", " if j else "") + json.dumps(dict(segmentation=[poly], area=float(area[j]), iscrowd=0, image_id=int(owner[j]),
+                                                          bbox=box, category_id=int(category[j]), id=j + 1)))
+        f.write('], "categories": ' + json.dumps([dict(supercategory="thing", id=c, name=f"class{c}") for c in COCO_CAT_IDS]) + "}")
+
+
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     """A COCO folder as released, 4 training and 4 validation images, every trap of the real one."""
@@ -84,28 +124,79 @@ def tiny_args(extra=()):
 # data
 
 
+def annotated_masks(coco_api, image_id):
+    """pycocotools' own decoding of an image's non-crowd annotations, in the json's order: (N, H, W) uint8."""
+    img = coco_api.imgs[image_id]
+    anns = [a for a in coco_api.imgToAnns[image_id] if not a["iscrowd"]]
+    return torch.from_numpy(np.stack([coco_api.annToMask(a) for a in anns]) if anns else np.zeros((0, img["height"], img["width"]), np.uint8))
+
+
 def test_coco_traps_become_valid_mask_rcnn_targets(coco):
-    train = detect.Instances(detect.open_coco(str(coco), "train"))
-    assert train.cat_ids == [3, 17, 90] and train.names == ["car", "cat", "toothbrush"]
+    train = detect.training_set(str(coco))
+    assert len(train) == 4 and train.cat_ids == [3, 17, 90] and train.classes == ["car", "cat", "toothbrush"]
     samples = [train[i] for i in range(4)]
-    # grayscale and CMYK come out RGB; category ids 3, 17, 90 become labels 1, 2, 3; the crowd region is dropped
-    assert all(img.mode == "RGB" for img, _ in samples)
+    # grayscale and CMYK come out RGB; category ids 3, 17, 90 become labels 1, 2, 3; the crowd region is left out
+    assert [tuple(img.shape) for img, _ in samples] == [(3, 48, 64), (3, 64, 48), (3, 40, 56), (3, 56, 40)]
     assert [t["labels"].tolist() for _, t in samples] == [[1, 2, 3], [3], [1], []]
     assert samples[1][1]["masks"].shape == (1, 64, 48) and samples[3][1]["masks"].shape == (0, 56, 40)
     assert samples[0][1]["boxes"].tolist()[0] == [4, 6, 24, 22]  # XYXY
-    # the training transform: a fixed 128 x 128 square, uint8; the degenerate box is gone with its mask
-    # and label, and every box left has an area and lies in the square
-    stream = detect.PairStream(train, detect.train_transform(128, (0.5, 1.5)), seed=0)
+    for i, (_, t) in enumerate(samples):  # the masks are pycocotools' (COCO is built only now, on first use)
+        assert torch.equal(t["masks"], annotated_masks(train.coco, int(train.ids[i])))
+    crowd = np.flatnonzero(train.crowd)  # the crowd region's uncompressed RLE is kept compressed
+    assert len(crowd) == 1 and train.rle[train.which[crowd[0]]] == mask_util.frPyObjects(train.coco.anns[5]["segmentation"], 64, 48)["counts"].decode()
+    # the training transform: a fixed 128 x 128 square, uint8; masks bit-packed, each box tight around its mask,
+    # no empty mask: the degenerate box is gone with its label
+    stream = detect.PairStream(train, detect.LargeScaleJitter(128, (0.5, 1.5)), seed=0)
     for pos in range(12):
         x, t, p, bad = stream[pos]
         assert x.shape == (3, 128, 128) and x.dtype == torch.uint8 and (p, bad) == (pos, 0)
-        assert len(t["boxes"]) == len(t["masks"]) == len(t["labels"])
-        assert t["masks"].shape[1:] == (128, 128) and type(t["boxes"]) is torch.Tensor  # plain tensors for the model
-        b = t["boxes"]
-        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all() and (b >= 0).all() and (b <= 128).all()
+        masks = detect.unpack_masks(t["mask_bits"], 128)
+        assert t["mask_bits"].shape[1:] == (128, 16) and masks.shape[1:] == (128, 128) and len(t["boxes"]) == len(masks) == len(t["labels"])
+        assert torch.equal(t["boxes"], detect.mask_boxes(masks)) and masks.flatten(1).any(1).all()
     assert 3 not in stream[stream_pos_of(stream, 0)][1]["labels"].tolist()  # image a's degenerate box (label 3) is gone
     # the same position gives the same sample (resume), another position another draw
     assert torch.equal(stream[5][0], stream[5][0]) and not torch.equal(stream[5][0], stream[9][0])
+
+
+def test_compact_index_reads_as_pycocotools(tmp_path):
+    """A small json of write_coco_sized's kind (polygons of 2 decimals, COCO's category ids and image fields, images
+    without annotations, annotations not grouped by image): every image's masks, boxes and labels are pycocotools'."""
+    write_coco_sized(tmp_path, images=12, annotations=20, vertices=7)
+    index, coco_api = detect.training_set(str(tmp_path)), detect.COCO(str(tmp_path / "annotations" / "instances_train2017.json"))
+    assert len(index) == 12 and index.cat_ids == COCO_CAT_IDS and any(index.first[1:] == index.first[:-1])  # some without annotations
+    for i in range(len(index)):
+        image, t = index[i]
+        anns = coco_api.imgToAnns[int(index.ids[i])]
+        assert image.shape == (3, 480, 640) and torch.equal(t["masks"], annotated_masks(coco_api, int(index.ids[i])))
+        assert t["labels"].tolist() == [COCO_CAT_IDS.index(a["category_id"]) + 1 for a in anns]
+        torch.testing.assert_close(t["boxes"], torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).view(-1, 4))
+
+
+def test_large_scale_jitter_recomputes_boxes_from_the_cropped_masks():
+    # an L (a vertical bar x 8..16, y 8..56 and a foot x 8..56, y 48..56) and a square (x 40..60, y 4..20) on 64 x 64
+    L, square = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    L[8:56, 8:16], L[48:56, 8:56], square[4:20, 40:60] = 1, 1, 1
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    target = dict(boxes=torch.tensor([[8.0, 8, 56, 56], [40, 4, 60, 20]]), masks=torch.from_numpy(np.stack([L, square])), labels=torch.tensor([1, 2]))
+    # at scale 2 of the fitting factor (32 / 64) the image keeps its size; the 32 x 32 crop at the top-left keeps
+    # the L's bar, whose tight box is 8 wide, not the 24 of the annotated box clamped to the crop; the square is dropped
+    x, t = detect.jitter(image, target, 32, 2.0, (0, 0), False)
+    assert torch.equal(x, image[:, :32, :32]) and t["boxes"].tolist() == [[8, 8, 16, 32]] and t["labels"].tolist() == [1]
+    assert torch.equal(detect.unpack_masks(t["mask_bits"], 32)[0], torch.from_numpy(L[:32, :32]))
+    # flipped, the bar and the foot leave the crop (the L is dropped) and the square comes in
+    x, t = detect.jitter(image, target, 32, 2.0, (0, 0), True)
+    assert t["boxes"].tolist() == [[4, 4, 24, 20]] and t["labels"].tolist() == [2]
+    # at scale 0.5 the image is 16 x 16, padded bottom-right with the mean colour (as evaluation pads); the masks
+    # sample the source pixel under each pixel's centre (rows and columns 2, 6, 10, ...)
+    x, t = detect.jitter(image, target, 32, 0.5, (0.7, 0.3), False)
+    fill = torch.tensor(data.FILL, dtype=torch.uint8).view(3, 1, 1)
+    assert (x[:, 16:] == fill).all() and (x[:, :, 16:] == fill).all() and not (x[:, :16, :16] == fill).all()
+    masks = detect.unpack_masks(t["mask_bits"], 32)
+    assert torch.equal(masks[:, :16, :16], target["masks"][:, 2::4, 2::4]) and masks[:, 16:].sum() == masks[:, :, 16:].sum() == 0
+    assert t["boxes"].tolist() == [[2, 2, 14, 14], [10, 1, 15, 5]]
+    # bit packing round-trips at any width
+    m = torch.rand(3, 5, 13) > 0.5
+    assert torch.equal(detect.unpack_masks(torch.from_numpy(np.packbits(m.numpy(), axis=-1)), 13), m.to(torch.uint8))
 
 
 def stream_pos_of(stream, i):
@@ -123,7 +214,7 @@ def test_synthetic_set_is_a_coco_dataset_of_its_shapes():
         assert [a["category_id"] for a in anns] == [c + 1 for c, _ in visible] and anns[0]["category_id"] == label + 1
         for a, (_, m) in zip(anns, visible):
             assert np.array_equal(ds.coco.annToMask(a), m) and a["area"] == m.sum()
-        assert np.array_equal(np.asarray(ds[i][0]), np.asarray(img))
+        assert np.array_equal(ds[i][0].permute(1, 2, 0).numpy(), np.asarray(img))
     assert len(detect.open_coco("synthetic", "val")) == data.SYNTHETIC_VAL
 
 
@@ -173,7 +264,21 @@ def test_layer_decay_reaches_the_encoder_only():
                         ("rpn.head.conv.0.0.weight", 9), ("roi_heads.mask_predictor.mask_fcn_logits.weight", 9)]:
         assert where[name]["lr_scale"] == pytest.approx(0.9 ** (9 - layer)), name
     assert where["backbone.encoder.layers.1.blocks.0.attn.logit_scale"]["weight_decay"] == 0
-    assert where["roi_heads.box_head.fc6.weight"]["weight_decay"] == 0.05
+    assert where["roi_heads.box_head.5.weight"]["weight_decay"] == 0.05  # the fc of the 4conv-1fc box head
+    assert where["roi_heads.mask_head.0.1.weight"] == where["backbone.fpn.layer_blocks.0.1.weight"]  # GroupNorm: no decay
+    assert where["backbone.fpn.layer_blocks.0.1.weight"]["weight_decay"] == 0 and where["roi_heads.mask_head.0.1.weight"]["lr_scale"] == 1
+
+
+def test_normalised_heads_are_the_default_and_the_plain_ones_an_option():
+    gn, _ = detect.build_model(*tiny_args(), None, 3)
+    plain, _ = detect.build_model(*tiny_args(["--heads", "plain"]), None, 3)
+    norms = [m for m in gn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    # torchvision's v2 layout: a norm after each of the FPN's 4 + 4 convs, the box head's 4 convs and the mask
+    # head's 4; 16 groups of 2 channels at the cpu recipe's 32 (32 groups at 256, as detectron2 and the GN paper)
+    assert len(norms) == 16 and all((m.num_groups, m.num_channels) == (16, 32) for m in norms) and detect.group_norm(256).num_groups == 32
+    assert len(gn.rpn.head.conv) == 2 and [type(m).__name__ for m in gn.roi_heads.box_head][-3:] == ["Flatten", "Linear", "ReLU"]
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules()) and len(plain.rpn.head.conv) == 1
+    assert type(plain.roi_heads.box_head).__name__ == "TwoMLPHead"
 
 
 def test_official_checkpoint_loads_into_the_detector_backbone(tmp_path):
@@ -231,12 +336,12 @@ class FakeDetector(torch.nn.Module):
 
     def __init__(self, coco_root, shift=0.0):
         super().__init__()
-        inst = detect.Instances(detect.open_coco(str(coco_root), "val"))
+        inst = detect.open_coco(str(coco_root), "val")
         self.truth = {}
         for i in range(len(inst)):
             img, t = inst[i]
-            H, W = img.height, img.width
-            self.truth[(H, W)] = dict(boxes=t["boxes"].as_subclass(torch.Tensor) + torch.tensor([shift, 0.0, shift, 0.0]),
+            H, W = img.shape[1:]
+            self.truth[(H, W)] = dict(boxes=t["boxes"] + torch.tensor([shift, 0.0, shift, 0.0]),
                                       labels=t["labels"], masks=t["masks"].float()[:, None], scores=torch.linspace(0.9, 0.8, len(t["labels"])))
             fp = dict(boxes=torch.tensor([[0.0, 0.0, 5.0, 5.0]]), labels=torch.tensor([1]), masks=torch.zeros(1, 1, H, W), scores=torch.tensor([0.1]))
             fp["masks"][..., :5, :5] = 1
@@ -250,7 +355,7 @@ def evaluate_fixture(model, coco_root, rank=0, world=1, micro_batch=2):
     val_set = detect.open_coco(str(coco_root), "val")
     loader = data.make_loader(detect.EvalImages(val_set, range(len(val_set))), micro_batch, sampler=data.shard(len(val_set), rank, world),
                               collate_fn=detect.collate)
-    return detect.evaluate(model, loader, val_set.coco, sorted(val_set.coco.getCatIds()), torch.device("cpu"))
+    return detect.evaluate(model, loader, val_set, val_set.cat_ids, torch.device("cpu"))
 
 
 def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
@@ -334,7 +439,8 @@ def test_trains_on_the_coco_fixture_and_evaluates(coco, tmp_path):
     assert {k: again[k] for k in metrics} == metrics and json.load(open(out / "eval.json"))["box_ap"] == metrics["box_ap"]
     # ... but not as another model: the position bias is computed from the window, so a checkpoint would load
     # into it silently; a head of another width would not load at all
-    for extra, words in [(["--window", "2"], "window_size 4 vs 2"), (["--fpn_channels", "32"], "size mismatch")]:
+    for extra, words in [(["--window", "2"], "window_size 4 vs 2"), (["--fpn_channels", "32"], "size mismatch"),
+                         (["--heads", "plain"], "Missing key(s)")]:
         with pytest.raises(SystemExit) as e:
             detect.main(FAST + ["--data", str(coco), "--epochs", "2", "--out_dir", str(out), "--eval_only"] + extra)
         assert str(e.value.code).startswith("error:") and words in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
