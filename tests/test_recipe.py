@@ -5,7 +5,6 @@ only main itself builds (the AdamW settings, the weight-decay groups, the epoch 
 of a tiny run of main. Changing any number in the code fails the test named after it.
 Sources: reference/paper.md, reference/official_code.md B.2-B.7 (the official SwinV2-B SimMIM configs)."""
 import json
-import math
 
 import numpy as np
 import pytest
