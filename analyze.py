@@ -294,21 +294,24 @@ def load_runs(paths, left_out=None):
         if r is None:
             leave(d, why, downstream_metrics(s, task))
         else:
-            entries.append((r, d, task, downstream_recipe(a), downstream_metrics(s, task)))
+            group = (task, str(s.get("kind")), str(s.get("model")))  # a script's runs on one task from one model size
+            entries.append((r, d, group, downstream_recipe(a), downstream_metrics(s, task)))
     if renamed:
         note(f"task names as in the paper: {', '.join(sorted(renamed))}")
-    # one recipe per task: a mean over a 3-epoch and a 100-epoch fine-tune, or a column mixing them,
-    # measures neither. The recipe most runs share wins (the first one on a tie)
+    # one recipe per task, script and model size: a mean over a 3-epoch and a 100-epoch fine-tune, or a
+    # column mixing them, measures neither (model sizes have recipes of their own, and detect.py and
+    # segment.py on the synthetic set share its task name). The recipe most runs share wins (the first on a tie)
     count, best = {}, {}
-    for _, _, task, recipe, _ in entries:
-        count[task, recipe] = count.get((task, recipe), 0) + 1
-    for (task, recipe), n in count.items():
-        best[task] = recipe if n > count.get((task, best.get(task)), 0) else best[task]
+    for _, _, group, recipe, _ in entries:
+        count[group, recipe] = count.get((group, recipe), 0) + 1
+    for (group, recipe), n in count.items():
+        best[group] = recipe if n > count.get((group, best.get(group)), 0) else best[group]
     scores = {}  # (id of the row, column) -> (row, the runs' values)
-    for r, d, task, recipe, values in entries:
-        if recipe != best[task]:
-            leave(d, f"another {task} recipe than {count[task, best[task]]} other run(s): {differ(recipe, best[task])}",
-                  values)
+    for r, d, group, recipe, values in entries:
+        if recipe != best[group]:
+            task, kind, model = group
+            leave(d, f"another {task} recipe ({kind}, model {model}) than {count[group, best[group]]} other run(s): "
+                     f"{differ(recipe, best[group])}", values)
             continue
         for col, v in values.items():
             scores.setdefault((id(r), col), (r, []))[1].append(v)

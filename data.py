@@ -198,10 +198,57 @@ def _stripes(rng, period_lo, period_hi):
     return np.sin(_project(angle) * (2 * math.pi / period) + phase)
 
 
+# The background's pattern: a few small shapes drawn in one part of the image (the fundamental domain)
+# and copied to the rest by one of these symmetries. A masked part of the pattern can be predicted
+# from its copy elsewhere, a rule that holds in every image; a model that has seen few images memorises
+# them instead, and that does not carry to new images. This is what makes data scale matter here
+# (README, "The paper in miniature"): tiny, 600 steps on 20 vs 2000 images, validation loss 0.61 vs
+# 0.38 and top-1 after a 3-epoch fine-tune 21.2 vs 26.9 % (scratch 13.1 %).
+SYMMETRIES = ("none", "mirror-lr", "mirror-ud", "mirror-both", "rot180", "rot90", "shift-x", "shift-y", "tile",
+              "mirror-diag", "mirror-antidiag")
+
+
+def _symmetry_map(name):
+    """(sy, sx, copy), three (S, S) int arrays: pixel (y, x) of the pattern shows pixel (sy, sx) of the
+    fundamental domain, as copy number `copy` (0..3) of what is drawn there."""
+    S, h = SYNTHETIC_SIZE, SYNTHETIC_SIZE // 2
+    y, x = np.mgrid[:S, :S]
+    sy, sx, copy = y, x, np.zeros((S, S), np.int64)
+    if name in ("mirror-lr", "mirror-both"):
+        sx, copy = np.where(x >= h, S - 1 - x, x), copy + (x >= h)
+    if name in ("mirror-ud", "mirror-both"):
+        sy, copy = np.where(y >= h, S - 1 - y, y), copy + 2 * (y >= h)
+    if name == "rot180":
+        r = y >= h
+        sy, sx, copy = np.where(r, S - 1 - y, y), np.where(r, S - 1 - x, x), r.astype(np.int64)
+    if name == "rot90":  # turn each quadrant by 90 degrees about the centre until it is the top-left one
+        for _ in range(3):
+            r = (sy >= h) | (sx >= h)
+            sy, sx, copy = np.where(r, sx, sy), np.where(r, S - 1 - sy, sx), copy + r
+    if name == "shift-x":
+        sx, copy = x % h, x // h
+    if name == "shift-y":
+        sy, copy = y % h, y // h
+    if name == "tile":
+        sy, sx, copy = y % h, x % h, 2 * (y // h) + x // h
+    if name == "mirror-diag":
+        r = y > x
+        sy, sx, copy = np.where(r, x, y), np.where(r, y, x), r.astype(np.int64)
+    if name == "mirror-antidiag":
+        r = y + x > S - 1
+        sy, sx, copy = np.where(r, S - 1 - x, y), np.where(r, S - 1 - y, x), r.astype(np.int64)
+    return sy, sx, copy
+
+
+_SYMMETRY_MAPS = [_symmetry_map(name) for name in SYMMETRIES]  # 11 x 3 x (S, S): 2.4 MB, built once
+
+
 class SyntheticImages:
-    """A procedurally drawn image set, deterministic by (split, index). Class i % 10 is one of 5 shape
-    kinds, filled plain or striped; colours, position, size, rotation, a distracting small shape and a
-    gradient + grating + noise background are random, so the class is learnable but not given away."""
+    """A procedurally drawn image set, deterministic by (split, index). Class i % 10 is the main shape:
+    one of 5 kinds, filled plain or striped, of random colour, size, position and rotation. Behind it,
+    on a colour gradient, a pattern of 3-5 small plain shapes (any kind and colour) repeated by one of
+    the SYMMETRIES (twice as many shapes, placed freely, for 'none'): the part of the image that needs
+    many images to learn, where the class needs few."""
     classes = [f"{s}-{t}" for t in ("plain", "striped") for s in SHAPES]
 
     def __init__(self, split="train", n=SYNTHETIC_TRAIN):
@@ -220,30 +267,37 @@ class SyntheticImages:
 
     def scene(self, i):
         """(PIL image, class label, objects): objects lists (class, (S, S) bool mask of its visible pixels)
-        for the main shape and the small distracting one (a plain shape of a random kind, class = kind),
-        the instances and per-pixel labels of detect.py and segment.py."""
+        for the main shape and for each copy of each small shape (a plain shape of kind k: class k), the
+        instances and per-pixel labels of detect.py and segment.py. A copy hidden behind the main shape is left out."""
         S, label = SYNTHETIC_SIZE, int(self.targets[i])
         # train and val draw from different seed sequences, so the splits never share an image
         rng = np.random.default_rng([("train", "val").index(self.split), i])
         c0, c1 = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)  # two (3, 1, 1) background colours
-        ramp = _project(rng.uniform(0, 6.3)) / (2 * S) + 0.5  # (S, S), about 0..1 across the image
-        img = c0 + (c1 - c0) * ramp + 0.1 * _stripes(rng, 8, 40)  # (3, S, S)
+        img = c0 + (c1 - c0) * (_project(rng.uniform(0, 6.3)) / (2 * S) + 0.5)  # (3, S, S) gradient
+        symmetry = int(rng.integers(len(SYMMETRIES)))
+        sy, sx, copy = _SYMMETRY_MAPS[symmetry]
+        n = int(rng.integers(3, 6)) * (2 if SYMMETRIES[symmetry] == "none" else 1)
+        pattern, owner, kinds = np.zeros((3, S, S), np.float32), np.full((S, S), -1), rng.integers(5, size=n)
+        for j in range(n):
+            y, x = rng.uniform(0, S, 2)
+            # the source of a uniform random pixel: a centre spread evenly over the domain, whatever its shape
+            cy, cx = sy[int(y), int(x)] + y % 1, sx[int(y), int(x)] + x % 1
+            m = _shape_mask(int(kinds[j]), cx, cy, rng.uniform(4, 9), rng.uniform(0, 6.3))
+            pattern = np.where(m, rng.uniform(0, 1, (3, 1, 1)).astype(np.float32), pattern)
+            owner[m] = j  # later shapes cover earlier ones
+        pattern, owner = pattern[:, sy, sx], owner[sy, sx]  # the domain copied by the symmetry: (3, S, S), (S, S)
+        img = np.where(owner >= 0, pattern, img)
         fg = rng.uniform(0, 1, (3, 1, 1)).astype(np.float32)
-        if np.abs(fg - (c0 + c1) / 2).max() < 0.35:  # keep the object visible against its background
-            fg = 1 - (c0 + c1) / 2
         fill = fg if label < 5 else np.where(_stripes(rng, 4, 9) > 0, fg, 0.25 * fg)
-        r = rng.uniform(0.18, 0.34) * S
+        r = rng.uniform(0.18, 0.3) * S
         cx, cy, rot = rng.uniform(r, S - r), rng.uniform(r, S - r), rng.uniform(0, 6.3)
         main = _shape_mask(label % 5, cx, cy, r, rot)
         img = np.where(main, fill, img)  # (3, S, S)
-        cx, cy, small_r, rot = rng.uniform(0, S), rng.uniform(0, S), rng.uniform(4, 8), rng.uniform(0, 6.3)
-        kind = int(rng.integers(5))
-        small = _shape_mask(kind, cx, cy, small_r, rot)
-        img = np.where(small, rng.random((3, 1, 1), np.float32), img)
         # faint sensor-like noise: the locally normalised SimMIM target amplifies noise in flat regions,
         # and unpredictable noise would dominate the loss
         img += rng.uniform(0.0, 0.03) * (rng.random((S, S), dtype=np.float32) - 0.5)
-        objects = [(label, main & ~small), (kind, small)]  # the small shape is drawn on top
+        objects = [(label, main)] + [(int(kinds[j]), m) for j in range(n) for c in range(4)
+                                     if (m := (owner == j) & (copy == c) & ~main).any()]
         return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0), "RGB"), label, objects
 
 

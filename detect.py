@@ -253,15 +253,16 @@ def rle_counts(segmentation, h, w):
 
 
 class SyntheticCoco(CocoIndex):
-    """data.SyntheticImages as a COCO dataset held in memory: the main shape and the small distracting shape of
-    each image are its instances (category id = class + 1, an RLE mask of the visible pixels, its box), so
+    """data.SyntheticImages as a COCO dataset held in memory: the main shape and every copy of the small shapes
+    of the background pattern are each image's instances (category id = class + 1, an RLE mask of the visible
+    pixels, its box; a small plain shape of kind k has the class of the plain main shape of that kind), so
     training and evaluation below treat it exactly like COCO. Only the image loading differs."""
 
     def __init__(self, images: data.SyntheticImages):
         anns = []
         for i in range(len(images)):
             for cls, m in images.scene(i)[2]:
-                if m.any():  # the small shape can fall outside the image
+                if m.any():  # data.py leaves out hidden copies; COCO has no empty masks either
                     rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
                     anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
                                      bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))

@@ -228,8 +228,8 @@ class ADE20K:
 
 class SyntheticScenes:
     """data.py's synthetic images with per-pixel labels: 0 = background, 1..10 = the main shape's class
-    + 1, and the small distracting shape, a plain shape of kind k, gets k + 1 (the label of the plain
-    shapes of its kind: same appearance, same label). Background is a real class here (as in Pascal
+    + 1, and each small shape of the background pattern, a plain shape of kind k, gets k + 1 (the label
+    of the plain shapes of its kind: same appearance, same label). Background is a real class here (as in Pascal
     VOC), not ignored like ADE's "other": every pixel is either background or a drawn shape, exactly
     known, so the labels are dense and the mIoU counts 11 classes. open(i) -> (LabelledImage, class)."""
     num_classes = 11

@@ -108,7 +108,8 @@ def paper_cells():
 
 def miniature_cells():
     """miniature.sh's grid: tiny and nano x 1, 2.5, 10, 100 % of the synthetic set x 600 and 150 steps (the
-    longest first), each fine-tuned on the synthetic set; the grid adds seeds 0, 1, 2 and runs from scratch."""
+    longest first), each fine-tuned on the synthetic set; the grid adds seeds 0, 1, 2 and runs from scratch.
+    (miniature.sh also runs detect.py and segment.py from tiny's 600-step runs: not part of this grid.)"""
     return [cell(m, "synthetic", frac, iters, tasks=("synthetic",))
             for m in ("tiny", "nano") for frac in (0.01, 0.025, 0.1, 1) for iters in (600, 150)]
 

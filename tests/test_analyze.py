@@ -425,12 +425,33 @@ def test_seeds_are_counted_and_other_recipes_not_averaged(tmp_path, capsys, no_f
     printed = capsys.readouterr().out
     sd = np.std([61.5, 58.0, 64.0], ddof=1)
     assert f"| B | imagenet 10% | 0.6000 / 0.7000 / 61.17 (n=3, sd {sd:.2f}) / 90.00 (n=3, sd 0.00) |" in printed
-    assert "ft_short | another in1k recipe than 3 other run(s): epochs 3 vs 100 | in1k_top1 40.00" in printed
+    assert "ft_short | another in1k recipe (finetune, model B) than 3 other run(s): epochs 3 vs 100 | in1k_top1 40.00" in printed
     with open(tmp_path / "a" / "runs.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert (row["in1k_top1_seeds"], float(row["in1k_top1_sd"])) == ("3", pytest.approx(sd))
     again = analyze.load_csv(tmp_path / "a" / "runs.csv")  # and they read back
     assert again[0]["seeds"]["in1k_top1"] == (3, pytest.approx(sd))
+
+
+def test_recipes_are_compared_per_model_and_per_script(tmp_path):
+    """nano's and tiny's fine-tunes (identities that name their model) and detect.py's runs on the same task
+    (the synthetic set) are not rival recipes: each is averaged on its own and none is left out."""
+    out = tmp_path / "out"
+
+    def downstream(d, run, model, kind, **metrics):
+        pretrained = dict(path=f"{run}/ckpt.pt", run_dir=run, model=model, frac=1.0, iters=100, data="synthetic",
+                          step=100, val_loss=0.7)
+        write_run(d, dict(task="synthetic", pretrained=pretrained, identity=dict(model=model, kind=kind, seed=0)), [],
+                  dict(kind=kind, task="synthetic", model=model, data="synthetic", pretrained=pretrained, **metrics))
+    for model, top1 in (("nano", 20.0), ("tiny", 30.0)):
+        run = pretrain_run(out / model, model=model, data="synthetic", frac=1.0)
+        for seed in (0, 1):
+            downstream(out / f"{model}_ft_s{seed}", run, model, "finetune", best_top1=top1 + seed, best_top5=90.0)
+    downstream(out / "tiny_det_s0", str(out / "tiny"), "tiny", "detect", metrics=dict(box_ap=40.0, mask_ap=41.0))
+    left_out = []
+    rows = {r["model"]: r for r in analyze.load_runs([str(out / "*")], left_out)}
+    assert left_out == []
+    assert (rows["nano"]["synthetic_top1"], rows["tiny"]["synthetic_top1"], rows["tiny"]["synthetic_box_ap"]) == (20.5, 30.5, 40.0)
 
 
 def test_metric_columns_are_named_by_the_dataset_kind(tmp_path, capsys):

@@ -63,7 +63,9 @@ def test_gpu_report_on_cpu_at_tiny_size(tmp_path, monkeypatch, one_thread):
     assert sdpa["forced"]["math"] == "runs" and sdpa["forced"]["efficient_attention"].startswith("fails")  # no CPU kernel
     assert sdpa["default_ops"] == ["aten.bmm"]  # a float mask that needs a gradient takes the math path on a CPU
     n = R["numerics"]
-    assert n["loss_rel_diff"] < 0.02 and 0 < n["grad_rel_diff"] < 0.2 and n["tiny_nonfinite"] == 0
+    # bf16 against fp32 at initialisation: the gradient differs by 0.20 in norm on the synthetic set (its
+    # background pattern; 0.1-0.2 before it), the loss by 1e-4
+    assert n["loss_rel_diff"] < 0.02 and 0 < n["grad_rel_diff"] < 0.3 and n["tiny_nonfinite"] == 0
     assert R["finetune"]["img_s"] > 0 and set(R["data"]) == {"plain", "plain uint8", "ours"}
     R["env"]["peak_tflops"] = 1e-3  # as on a GPU of 1 GFLOP/s: the MFU column fills in
     mfu = R["size tiny"]["eager"]["img_s"] * R["size tiny"]["gflop_per_img"]

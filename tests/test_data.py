@@ -405,9 +405,33 @@ def test_synthetic_scene_objects_are_the_drawn_shapes():
     ds = data.SyntheticImages("val", 10)
     for i in range(10):
         img, label, objects = ds.scene(i)
+        x = np.asarray(img).reshape(-1, 3).astype(int)
         assert np.array_equal(np.asarray(img), np.asarray(ds.open(i)[0])) and label == ds.targets[i]
-        (main_cls, main), (small_cls, small) = objects
-        assert main_cls == label and 0 <= small_cls < 5 and main.sum() > 100 and not (main & small).any()
-        pixels = np.asarray(img).reshape(-1, 3)[main.ravel()]
+        (main_cls, main), small = objects[0], objects[1:]
+        assert main_cls == label and main.sum() > 100 and len(small) >= 3 and all(0 <= c < 5 for c, _ in small)
+        masks = np.stack([m for _, m in objects])
+        assert masks.any(axis=(1, 2)).all() and masks.sum(0).max() == 1  # visible pixels: none empty, no overlap
         if label < 5:  # a plain shape is one colour (up to the faint noise)
-            assert np.ptp(pixels.astype(int), axis=0).max() <= 12
+            assert np.ptp(x[main.ravel()], axis=0).max() <= 12
+        for _, m in small:  # the small shapes are plain
+            assert np.ptp(x[m.ravel()], axis=0).max() <= 12
+
+
+def test_synthetic_background_is_a_symmetric_pattern():
+    """Each symmetry map sends every pixel to one of the fundamental domain, which it fixes; the drawn
+    patterns are symmetric under one of the maps (outside the main shape, up to the faint noise), not all
+    under the same one."""
+    for name, (sy, sx, copy) in zip(data.SYMMETRIES, data._SYMMETRY_MAPS):
+        domain = copy == 0
+        assert (sy[sy, sx] == sy).all() and (sx[sy, sx] == sx).all() and domain[sy, sx].all(), name
+        assert domain.mean() == pytest.approx({1: 1, 2: 0.5, 4: 0.25}[len(np.unique(copy))], abs=0.01), name
+    ds, found = data.SyntheticImages("train", 22), []
+    for i in range(22):
+        img, _, objects = ds.scene(i)
+        x, main, pattern = np.asarray(img).astype(int), objects[0][1], np.any([m for _, m in objects[1:]], axis=0)
+        for name, (sy, sx, _) in zip(data.SYMMETRIES[1:], data._SYMMETRY_MAPS[1:]):
+            seen = ~main & ~main[sy, sx]  # the pattern where neither a pixel nor its source is behind the main shape
+            if (pattern == pattern[sy, sx])[seen].all() and np.abs(x - x[sy, sx])[seen & pattern].max() <= 12:
+                found.append(name)
+                break
+    assert len(found) >= 16 and len(set(found)) >= 6, found  # 'none' is 1 class in 11

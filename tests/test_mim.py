@@ -196,8 +196,11 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch
                 assert abs(r1[key] - r2[key]) < 1e-5, (key, r1, r2)
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    # AdamW divides by sqrt(v): a gradient entry near zero turns the summation order's 1e-7 into up to
+    # 2.3e-5 of weight after 3 steps (one entry of 2.3M on the synthetic set); a wrong accumulation moves
+    # whole tensors by a fraction of the LR (5e-4) per step
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
 
 
 @pytest.mark.parametrize("model,want", [("B", dict(img_size=192, iters=500000, norm_target=47, mask_patch=32)),

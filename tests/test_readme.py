@@ -4,6 +4,7 @@ import importlib
 import os
 import re
 import shlex
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,20 +50,55 @@ def test_readme_torchrun_lines_parse_with_torchrun_itself():
 
 
 def test_miniature_script_commands_parse():
-    """miniature.sh's python commands, with its loop variables filled in, parse and resolve."""
+    """miniature.sh's runs (its `queue RUN_DIR SCRIPT FLAGS` lines) and its analyze.py command, with the
+    shell variables filled in, parse and resolve."""
     text = open(os.path.join(ROOT, "miniature.sh")).read().replace("\\\n", " ")
-    values = {"$model": "nano", "$frac": "0.01", "$iters": "150", "$run": "out/mini/x", "$scratch": "out/mini/s",
-              "$OUT": "out/mini", "$FIGS": "miniature", "$seed": "1"}
+    values = {"model": "nano", "frac": "0.01", "iters": "150", "run": "out/mini/x", "OUT": "out/mini", "FIGS": "miniature",
+              "seed": "1"}
     found = set()
     for line in text.splitlines():
-        words = shlex.split(line.split("#")[0]) if "python " in line and ".py" in line else []
-        if "python" not in words or not words[words.index("python") + 1].endswith(".py"):
+        if not line.strip().startswith(("queue ", "python analyze.py")):
             continue
-        i = words.index("python") + 1
-        argv = [re.sub(r"\$\w+", lambda m: values[m.group(0)], w) for w in words[i + 1:]]
-        module = importlib.import_module(words[i][:-3])
+        words = shlex.split(line.split("#")[0])
+        if words[0] == "queue":
+            script, argv = words[2], words[3:] + ["--out_dir", words[1]]
+        elif words[:2] == ["python", "analyze.py"]:
+            script, argv = words[1], words[2:]
+        argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], w) for w in argv]
+        module = importlib.import_module(script[:-3])
         args = module.get_parser().parse_args(argv)
         if hasattr(module, "resolve"):
             module.resolve(args, 1)  # the flags are valid together, not only parseable
-        found.add(words[i])
-    assert found == {"mim.py", "finetune.py", "analyze.py"}, found
+        found.add(script)
+    assert found == {"mim.py", "finetune.py", "detect.py", "segment.py", "analyze.py"}, found
+
+
+def test_miniature_script_runs_what_is_missing_in_order_and_stops_on_a_failure(tmp_path):
+    """miniature.sh's plumbing, with a stand-in `python` that records its arguments and writes the run's
+    summary.json: every run once, pre-trainings before what starts from them, logs named after the run,
+    complete runs skipped on a rerun, and a failed run stops the script before analyze.py."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\ncase "$*" in *"$FAIL"*) [ -n "$FAIL" ] && exit 1;; esac\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --out_dir ] && mkdir -p "$2" && echo {} > "$2/summary.json"; shift; done\n')
+    stub.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}", CALLS=str(calls), OUT=str(out),
+               FIGS=str(tmp_path / "figs"), FAIL="")
+
+    def run(**extra):
+        calls.write_text("")
+        done = subprocess.run(["bash", os.path.join(ROOT, "miniature.sh")], env=dict(env, **extra), capture_output=True, text=True)
+        return done.returncode, [line.split()[0] for line in calls.read_text().splitlines()], done.stderr
+
+    rc, scripts, _ = run()
+    assert rc == 0 and len(scripts) == 16 + 10 + 16 * 3 + 2 * 3 + 1 and scripts[-1] == "analyze.py"
+    assert set(scripts[:16]) == {"mim.py"} and scripts[16:21] == ["detect.py"] * 5  # longest first
+    assert scripts.count("segment.py") == 5 and scripts.count("finetune.py") == 54
+    assert (out / "tiny_frac0.01_600" / "ft_s2" / "summary.json").exists() and (out / "scratch" / "nano_s0" / "summary.json").exists()
+    assert (out / "logs" / "tiny_frac0.01_600_det_s0.txt").exists() and (out / "logs" / "scratch_tiny_seg_s0.txt").exists()
+    assert run() == (0, ["analyze.py"], "")  # all complete: only the analysis again
+    for d in ("nano_frac1_150/ft_s1", "nano_frac1_150/ft_s2"):
+        os.remove(out / d / "summary.json")
+    rc, scripts, err = run(FAIL="ft_s1", JOBS="1")
+    assert rc != 0 and scripts == ["finetune.py"] and "failed: python finetune.py" in err  # ft_s2 never started
