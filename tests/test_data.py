@@ -421,10 +421,19 @@ def test_synthetic_background_is_a_symmetric_pattern():
     """Each symmetry map sends every pixel to one of the fundamental domain, which it fixes; the drawn
     patterns are symmetric under one of the maps (outside the main shape, up to the faint noise), not all
     under the same one."""
+    h = data.SYNTHETIC_SIZE // 2
+    invariant = {"none": [], "mirror-lr": [lambda g: g[:, ::-1]], "mirror-ud": [lambda g: g[::-1]],
+                 "mirror-both": [lambda g: g[:, ::-1], lambda g: g[::-1]], "rot180": [lambda g: g[::-1, ::-1]],
+                 "rot90": [np.rot90], "shift-x": [lambda g: np.roll(g, h, 1)], "shift-y": [lambda g: np.roll(g, h, 0)],
+                 "tile": [lambda g: np.roll(g, h, 1), lambda g: np.roll(g, h, 0)], "mirror-diag": [lambda g: g.T],
+                 "mirror-antidiag": [lambda g: g[::-1, ::-1].T]}
+    noise = np.random.default_rng(0).random((data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE))
     for name, (sy, sx, copy) in zip(data.SYMMETRIES, data._SYMMETRY_MAPS):
         domain = copy == 0
         assert (sy[sy, sx] == sy).all() and (sx[sy, sx] == sx).all() and domain[sy, sx].all(), name
         assert domain.mean() == pytest.approx({1: 1, 2: 0.5, 4: 0.25}[len(np.unique(copy))], abs=0.01), name
+        g = noise[sy, sx]  # any content copied by the map has the symmetry it is named after
+        assert all(np.array_equal(g, t(g)) for t in invariant[name]), name
     ds, found = data.SyntheticImages("train", 22), []
     for i in range(22):
         img, _, objects = ds.scene(i)
