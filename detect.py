@@ -261,11 +261,10 @@ class SyntheticCoco(CocoIndex):
     def __init__(self, images: data.SyntheticImages):
         anns = []
         for i in range(len(images)):
-            for cls, m in images.scene(i)[2]:
-                if m.any():  # data.py leaves out hidden copies; COCO has no empty masks either
-                    rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                    anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
-                                     bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
+            for cls, m in images.scene(i)[2]:  # never an empty mask: data.py leaves hidden copies out
+                rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+                anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
+                                 bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
         S = data.SYNTHETIC_SIZE
         super().__init__(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
                               annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]), root="")
