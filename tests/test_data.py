@@ -371,7 +371,7 @@ def test_rand_augment_draws_like_timms_official_policy():
     """On the same photos, ours and timm's rand-m9-mstd0.5-inc1 leave the same fraction of draws unchanged
     and change the others as much, op by op and as a whole. (torchvision's RandAugment(2, 9) fails this:
     ~1 % unchanged against ~25 %, and a 30 % smaller median change.)"""
-    from timm.data.auto_augment import RandAugment as TimmRandAugment
+    TimmRandAugment = pytest.importorskip("timm.data.auto_augment").RandAugment  # skipped, not failed, without timm
     _, ra = official_finetune_transform()
     imgs = photos()
     for op in ra.ops:
