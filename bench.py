@@ -45,6 +45,7 @@ import data
 import finetune
 import mim
 import swinv2
+import synthetic
 import train
 
 
@@ -502,8 +503,8 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lamb
                 torch.nn.init.ones_(blk.norm1.weight), torch.nn.init.ones_(blk.norm2.weight)
     model, _ = simmim_parts(encoder, device)
     size = encoder.cfg.img_size
-    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(data.SYNTHETIC_TRAIN), data.pretrain_transform(size), seed=0)
-    x = data.normalize(torch.stack([stream[i][0] for i in range(b)]).to(device))
+    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES), data.pretrain_transform(size), seed=0)
+    x = data.normalize(torch.stack([stream[i].image for i in range(b)]).to(device))
     _, mask = simmim_batch(encoder.cfg, b, device)
     results = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -527,11 +528,11 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lamb
         encoder = swinv2.create("tiny", drop_path_rate=0.1)
     model, opt = simmim_parts(encoder, device)
     step = train_step(model, opt, ctx)
-    size, recipe, B = encoder.cfg.img_size, mim.RECIPES["cpu"], tiny_batch
-    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(data.SYNTHETIC_TRAIN), data.pretrain_transform(size), seed=0)
+    size, recipe, B = encoder.cfg.img_size, mim.RECIPES["demo"], tiny_batch
+    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES), data.pretrain_transform(size), seed=0)
     masks = mim.MaskGenerator(size, recipe["mask_patch"], 4, 0.6)
     n = 4 * B  # a pool of images to draw the batches from
-    pool = data.normalize(torch.stack([stream[i][0] for i in range(n)]).to(device))
+    pool = data.normalize(torch.stack([stream[i].image for i in range(n)]).to(device))
     pool_masks = torch.stack([masks(i) for i in range(n)]).to(device)
     g = torch.Generator().manual_seed(0)
     bad, losses = 0, []
@@ -604,7 +605,7 @@ def dense_step(task, name, b, device, ctx, grad_ckpt):
     the detector's backbone only (its heads stay fp32), the whole segmenter.
     Returns (step() -> loss, optimizer, side in pixels, window)."""
     script = importlib.import_module(task)  # detect or segment: imported here, so nothing else needs them
-    r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "cpu"])
+    r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "demo"])
     K = dict(detect=80, segment=150)[task]
     args = script.get_parser().parse_args(["--model", name, "--pretrained", "none"])  # the script's defaults (detect: --heads gn)
     args.grad_ckpt = grad_ckpt

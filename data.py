@@ -1,19 +1,22 @@
-"""Data for the data-scaling study (Xie et al., arXiv 2206.04664): from image files to batches.
+"""
+Data for the data-scaling study (Xie et al., arXiv 2206.04664): from image files to batches.
 
-The paper pre-trains for a fixed number of *iterations* on random 10/20/50/100 % subsets of
-ImageNet-1K and on ImageNet-22K. Three ideas make such runs comparable and resumable:
-  1. a subset is the first round(frac*N) entries of one permutation drawn from a seed, so 10 % is
-     inside 20 % is inside 50 %; it is written as a manifest (subset.txt) with a short hash;
-  2. training reads an endless stream: position p is image perm_e[p % n] of pass e = p // n, with
-     its augmentation seeded by (seed, p), so step s gets the same global batch for any world size,
-     accumulation or worker count, and a restart at step s continues exactly;
-  3. decoding is robust (any mode -> RGB; a broken file is logged, counted, replaced) and fast (a
-     JPEG is decoded at 1/2..1/8 scale when the random crop allows it, else by torchvision.io), and
-     images travel to the device as uint8: normalize(x) there makes the model's input.
-Datasets: ImageNet-style class folders, 'path label' file lists (ImageNet-22K), COCO-style json
-(iNaturalist 2018), with names packed into one byte array (14M names fit in ~0.5 GB), and
-`open_dataset("synthetic")`, a built-in procedural image set: no ImageNet needed for the demo and tests.
-mim.py (read it next) calls open_dataset -> subset_indices -> TrainStream + StreamSampler -> make_loader.
+The paper pre-trains for a fixed number of *iterations* on random 10/20/50/100 % subsets of ImageNet-1K
+and on ImageNet-22K (sec. 3). This file follows one pre-training sample from disk to the batch, in order:
+
+  1. datasets: files on disk -> (PIL image, label); images are opened lazily (header read, pixels not yet);
+  2. subsets: the first round(frac * N) entries of one seeded permutation, so 10 % is inside 20 % is
+     inside 50 %; written as a manifest (subset.txt) with a short hash;
+  3. transforms: SimMIM's crop and flip, decoded the cheapest way the crop allows, to uint8 tensors that
+     normalize() turns into the model's input on the device;
+  4. the stream: position p is image perm_e[p % n] of pass e = p // n, augmented with a seed drawn from
+     (seed, p), so step s gets the same global batch for any world size, accumulation or worker count,
+     and a restart at step s continues exactly. An item is an `Item` of named fields, a batch too.
+
+What pre-training on class folders does not need comes after: the packed name store and the readers of
+ImageNet-22K file lists and iNaturalist json, then fine-tuning's augmentation (RandAugment). The synthetic
+image set of the demo and the tests lives in synthetic.py. Read next: mim.py, which calls
+open_dataset -> subset_indices -> TrainStream + StreamSampler -> make_loader.
 """
 import array
 import functools
@@ -23,12 +26,13 @@ import math
 import os
 import signal
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import functional as F  # on PIL images: PIL's own operations
 from torchvision.transforms.v2 import functional as TF  # on uint8 tensors: its fast resize
@@ -36,52 +40,12 @@ from torchvision.transforms.v2 import functional as TF  # on uint8 tensors: its 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_SIZE = 2000, 500, 96
 MAX_CLASSES = 1_000_000  # a file-list label at or above this is an error (ImageNet-22K has 21,841 classes)
 MAX_BAD = 100  # this many unreadable files in a row means the data path is broken, not one file
 
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- 1. datasets
 # Every dataset has __len__, .classes, .names (a Names: the image names, used by manifests), .name(i),
 # .targets, and .open(i) -> (PIL image, label). Files are opened lazily: header read, pixels not yet decoded.
-
-class Names:
-    """Image names (paths relative to the dataset root) packed into one byte array: name i is
-    blob[offsets[i]:offsets[i + 1] - 1], each name followed by a newline. A Python list of str costs
-    ~100 bytes per name and, as every worker touches the objects' reference counts, is copied page by
-    page into each forked data-loader worker; this costs the name's UTF-8 bytes + 9, and reads do not
-    write to it (measured on a 2M-line list of ImageNet-22K names, with the labels: 47 bytes per image
-    against 128; for IN-22K's 14M images, 0.66 GB per process instead of 1.8 GB)."""
-    def __init__(self, blob, offsets):
-        self.blob, self.offsets = blob, offsets  # (total bytes,) uint8, (n + 1,) int64
-
-    @classmethod
-    def from_list(cls, names):
-        encoded = [os.fsencode(n) + b"\n" for n in names]  # fsencode: any file name round-trips, even invalid UTF-8
-        newline = [n for n, e in zip(names, encoded) if e.count(b"\n") > 1]
-        if newline:
-            raise ValueError(f"an image name contains a newline: {newline[0]!r}")
-        offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        return os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1] - 1].tobytes())
-
-    def __iter__(self):
-        for k in range(0, len(self), 1 << 16):  # 64K names at a time: one split, no per-name slicing
-            yield from map(os.fsdecode, self.joined(range(k, min(k + (1 << 16), len(self)))).split(b"\n")[:-1])
-
-    def joined(self, indices):
-        """b''.join(name + newline for the names at `indices`), gathered without a Python loop over names."""
-        idx = np.asarray(indices, np.int64)
-        start, length = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
-        # byte j of the result, inside name k, is blob[start[k] + j - (bytes of the names before k)]
-        first = np.cumsum(length) - length
-        return self.blob[np.repeat(start - first, length) + np.arange(length.sum())].tobytes()
-
 
 class ImageFiles:
     """Images at root/names[i] with integer labels; built by scanning class folders, from a file list or
@@ -111,196 +75,6 @@ def scan_folder(root):
     return ImageFiles(root, Names.from_list(names), targets, classes)
 
 
-def read_file_list(path):
-    """Lines 'relative/path label' (paths relative to the list's folder; a path may contain spaces, the
-    label is the last word): ImageNet-22K's usual format, because scanning 14M files on every start takes
-    longer than reading one text file. One pass, ~0.5 us per line, that appends each name to one byte
-    array and each label to one int64 array: no Python object per line survives the loop."""
-    blob, ends, labels = bytearray(), array.array("q", [0]), array.array("q")
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rsplit(None, 1)  # [path, label]; rsplit strips the line's end (and \r\n)
-            if not parts:
-                continue  # a blank line
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line.strip().decode(errors='replace')!r}")
-            label = int(parts[1]) if len(parts[1]) <= 12 else MAX_CLASSES  # a longer number is too large anyway
-            if label >= MAX_CLASSES:  # a malformed list, whose classes would exhaust the memory
-                raise ValueError(f"{path}:{n}: labels are class indices below {MAX_CLASSES:,}, got {parts[1].decode()[:40]}")
-            blob += parts[0].lstrip() + b"\n"
-            ends.append(len(blob))
-            labels.append(label)
-    names = Names(np.frombuffer(blob, np.uint8), np.frombuffer(ends, np.int64))  # views, no copies
-    classes = [str(k) for k in range(max(labels, default=-1) + 1)]
-    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, np.frombuffer(labels, np.int64), classes)
-
-
-def read_coco_json(path):
-    """A classification set in COCO-style json, as iNaturalist 2018 ships (train2018.json, val2018.json):
-    `images` {id, file_name relative to the json's folder}, `annotations` {image_id, category_id}, one per
-    image, and `categories` {id}. Labels are the category ids mapped to 0..K-1 in sorted order (iNat18's
-    ids 0..8141 map to themselves); `classes` holds the original ids, as strings, in label order: the
-    mapping a run records. The per-image dicts of the json live only while this function runs."""
-    with open(path, "rb") as f:
-        d = json.load(f)
-    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
-        raise ValueError(f"{path}: not a COCO-style json with 'images' and 'annotations'")
-    try:
-        names = Names.from_list([im["file_name"] for im in d["images"]])
-        image_ids = np.array([im["id"] for im in d["images"]], np.int64)
-        ann_image = np.array([a["image_id"] for a in d["annotations"]], np.int64)
-        ann_category = np.array([a["category_id"] for a in d["annotations"]], np.int64)
-        categories = [c["id"] for c in d.get("categories", [])]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: an image needs 'id' and 'file_name', an annotation 'image_id' and 'category_id' ({e!r})") from None
-    del d
-    if len(ann_image) != len(image_ids) or len(np.unique(ann_image)) != len(ann_image):
-        raise ValueError(f"{path}: {len(ann_image)} annotations for {len(image_ids)} images; a classification set has one per image")
-    order = np.argsort(ann_image)  # image k's annotation: look its id up among the sorted annotation ids
-    ann = order[np.searchsorted(ann_image, image_ids, sorter=order).clip(max=len(order) - 1)]
-    if np.any(ann_image[ann] != image_ids):
-        raise ValueError(f"{path}: image id {image_ids[ann_image[ann] != image_ids][0]} has no annotation")
-    category_ids = np.unique(categories if categories else ann_category)  # sorted: label = position
-    label = np.searchsorted(category_ids, ann_category[ann]).clip(max=len(category_ids) - 1)
-    if np.any(category_ids[label] != ann_category[ann]):
-        raise ValueError(f"{path}: category_id {ann_category[ann][category_ids[label] != ann_category[ann]][0]} is not among its categories")
-    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, label, [str(c) for c in category_ids])
-
-
-SHAPES = ("disc", "square", "triangle", "ring", "cross")
-# Drawn in float32 with colours on the first axis, (3, S, S): numpy is slow on a trailing axis of 3.
-_Y, _X = np.mgrid[:SYNTHETIC_SIZE, :SYNTHETIC_SIZE].astype(np.float32)  # (S, S) pixel coordinates
-
-
-def _project(angle):
-    """(S, S): pixel coordinates projected on the direction `angle` (math.cos keeps float32)."""
-    return _X * math.cos(angle) + _Y * math.sin(angle)
-
-
-def _shape_mask(kind, cx, cy, r, rot):
-    """(S, S) bool mask of one shape of radius r centred at (cx, cy), rotated by rot."""
-    dx, dy = _X - cx, _Y - cy
-    if kind in (0, 3):  # disc, ring
-        d2 = dx * dx + dy * dy
-        return (d2 < r * r) & (d2 > (0.55 * r) ** 2 if kind == 3 else True)
-    if kind == 2:  # equilateral triangle: inside three half-planes at 120 degrees
-        return np.all([dx * math.cos(rot + a) + dy * math.sin(rot + a) < r / 2 for a in (0, 2.09, 4.19)], axis=0)
-    c, s = math.cos(rot), math.sin(rot)
-    u, v = abs(dx * c + dy * s), abs(dy * c - dx * s)  # coordinates in the shape's rotated frame
-    if kind == 1:
-        return np.maximum(u, v) < 0.8 * r
-    return ((u < 0.3 * r) & (v < r)) | ((v < 0.3 * r) & (u < r))  # cross
-
-
-def _stripes(rng, period_lo, period_hi):
-    """(S, S) float32 in [-1, 1]: a sinusoidal grating of random angle, period and phase."""
-    angle, period, phase = rng.uniform(0, math.pi), rng.uniform(period_lo, period_hi), rng.uniform(0, 6.3)
-    return np.sin(_project(angle) * (2 * math.pi / period) + phase)
-
-
-# The background's pattern: a few small shapes drawn in one part of the image (the fundamental domain)
-# and copied to the rest by one of these symmetries. A masked part of the pattern can be predicted
-# from its copy elsewhere, a rule that holds in every image; a model that has seen few images memorises
-# them instead, and that does not carry to new images. This is what makes data scale matter here
-# (README, "The paper in miniature"): tiny, 600 steps on 20 vs 2000 images, validation loss 0.61 vs
-# 0.38 and top-1 after a 3-epoch fine-tune 21.2 vs 26.9 % (scratch 13.1 %).
-SYMMETRIES = ("none", "mirror-lr", "mirror-ud", "mirror-both", "rot180", "rot90", "shift-x", "shift-y", "tile",
-              "mirror-diag", "mirror-antidiag")
-
-
-def _symmetry_map(name):
-    """(sy, sx, copy), three (S, S) int arrays: pixel (y, x) of the pattern shows pixel (sy, sx) of the
-    fundamental domain, as copy number `copy` (0..3) of what is drawn there."""
-    S, h = SYNTHETIC_SIZE, SYNTHETIC_SIZE // 2
-    y, x = np.mgrid[:S, :S]
-    sy, sx, copy = y, x, np.zeros((S, S), np.int64)
-    if name in ("mirror-lr", "mirror-both"):
-        sx, copy = np.where(x >= h, S - 1 - x, x), copy + (x >= h)
-    if name in ("mirror-ud", "mirror-both"):
-        sy, copy = np.where(y >= h, S - 1 - y, y), copy + 2 * (y >= h)
-    if name == "rot180":
-        r = y >= h
-        sy, sx, copy = np.where(r, S - 1 - y, y), np.where(r, S - 1 - x, x), r.astype(np.int64)
-    if name == "rot90":  # turn each quadrant by 90 degrees about the centre until it is the top-left one
-        for _ in range(3):
-            r = (sy >= h) | (sx >= h)
-            sy, sx, copy = np.where(r, sx, sy), np.where(r, S - 1 - sy, sx), copy + r
-    if name == "shift-x":
-        sx, copy = x % h, x // h
-    if name == "shift-y":
-        sy, copy = y % h, y // h
-    if name == "tile":
-        sy, sx, copy = y % h, x % h, 2 * (y // h) + x // h
-    if name == "mirror-diag":
-        r = y > x
-        sy, sx, copy = np.where(r, x, y), np.where(r, y, x), r.astype(np.int64)
-    if name == "mirror-antidiag":
-        r = y + x > S - 1
-        sy, sx, copy = np.where(r, S - 1 - x, y), np.where(r, S - 1 - y, x), r.astype(np.int64)
-    return sy, sx, copy
-
-
-_SYMMETRY_MAPS = [_symmetry_map(name) for name in SYMMETRIES]  # 11 x 3 x (S, S): 2.4 MB, built once
-
-
-class SyntheticImages:
-    """A procedurally drawn image set, deterministic by (split, index). Class i % 10 is the main shape:
-    one of 5 kinds, filled plain or striped, of random colour, size, position and rotation. Behind it,
-    on a colour gradient, a pattern of 3-5 small plain shapes (any kind and colour) repeated by one of
-    the SYMMETRIES (twice as many shapes, placed freely, for 'none'): the part of the image that needs
-    many images to learn, where the class needs few."""
-    classes = [f"{s}-{t}" for t in ("plain", "striped") for s in SHAPES]
-
-    def __init__(self, split="train", n=SYNTHETIC_TRAIN):
-        self.split, self.names = split, Names.from_list([str(i) for i in range(n)])
-        self.targets = np.arange(n, dtype=np.int64) % len(self.classes)
-
-    def __len__(self):
-        return len(self.names)
-
-    def name(self, i):
-        return str(i)
-
-    def open(self, i):
-        img, label, _ = self.scene(i)
-        return img, label
-
-    def scene(self, i):
-        """(PIL image, class label, objects): objects lists (class, (S, S) bool mask of its visible pixels)
-        for the main shape and for each copy of each small shape (a plain shape of kind k: class k), the
-        instances and per-pixel labels of detect.py and segment.py. A copy hidden behind the main shape is left out."""
-        S, label = SYNTHETIC_SIZE, int(self.targets[i])
-        # train and val draw from different seed sequences, so the splits never share an image
-        rng = np.random.default_rng([("train", "val").index(self.split), i])
-        c0, c1 = rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32)  # two (3, 1, 1) background colours
-        img = c0 + (c1 - c0) * (_project(rng.uniform(0, 6.3)) / (2 * S) + 0.5)  # (3, S, S) gradient
-        symmetry = int(rng.integers(len(SYMMETRIES)))
-        sy, sx, copy = _SYMMETRY_MAPS[symmetry]
-        n = int(rng.integers(3, 6)) * (2 if SYMMETRIES[symmetry] == "none" else 1)
-        pattern, owner, kinds = np.zeros((3, S, S), np.float32), np.full((S, S), -1), rng.integers(5, size=n)
-        for j in range(n):
-            y, x = rng.uniform(0, S, 2)
-            # the source of a uniform random pixel: a centre spread evenly over the domain, whatever its shape
-            cy, cx = sy[int(y), int(x)] + y % 1, sx[int(y), int(x)] + x % 1
-            m = _shape_mask(int(kinds[j]), cx, cy, rng.uniform(4, 9), rng.uniform(0, 6.3))
-            pattern = np.where(m, rng.uniform(0, 1, (3, 1, 1)).astype(np.float32), pattern)
-            owner[m] = j  # later shapes cover earlier ones
-        pattern, owner = pattern[:, sy, sx], owner[sy, sx]  # the domain copied by the symmetry: (3, S, S), (S, S)
-        img = np.where(owner >= 0, pattern, img)
-        fg = rng.uniform(0, 1, (3, 1, 1)).astype(np.float32)
-        fill = fg if label < 5 else np.where(_stripes(rng, 4, 9) > 0, fg, 0.25 * fg)
-        r = rng.uniform(0.18, 0.3) * S
-        cx, cy, rot = rng.uniform(r, S - r), rng.uniform(r, S - r), rng.uniform(0, 6.3)
-        main = _shape_mask(label % 5, cx, cy, r, rot)
-        img = np.where(main, fill, img)  # (3, S, S)
-        # faint sensor-like noise: the locally normalised SimMIM target amplifies noise in flat regions,
-        # and unpredictable noise would dominate the loss
-        img += rng.uniform(0.0, 0.03) * (rng.random((S, S), dtype=np.float32) - 0.5)
-        objects = [(label, main)] + [(int(kinds[j]), m) for j in range(n) for c in range(4)
-                                     if (m := (owner == j) & (copy == c) & ~main).any()]
-        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0), "RGB"), label, objects
-
-
 def split_path(path, split):
     """Where a folder keeps one split: path/<split>/, or its one <split>*.json (iNaturalist's train2018.json,
     val2018.json). None if it has neither: then the folder itself is the data."""
@@ -319,7 +93,8 @@ def open_dataset(path, split="train"):
         n = path.partition(":")[2]
         if split not in ("train", "val") or not (n.isdigit() and int(n) > 0 or n == ""):
             raise ValueError(f"data path {path!r}: use 'synthetic' or 'synthetic:N' with N > 0, split train|val")
-        return SyntheticImages(split, SYNTHETIC_VAL if split == "val" else int(n or SYNTHETIC_TRAIN))
+        import synthetic  # the demo's image set (imported here: it imports this file)
+        return synthetic.SyntheticImages(split, synthetic.VAL_IMAGES if split == "val" else int(n or synthetic.TRAIN_IMAGES))
     if not (os.path.isdir(path) or path.endswith((".txt", ".json")) and os.path.isfile(path)):
         raise FileNotFoundError(f"data path {path!r} is not an existing folder, .txt file list, .json or 'synthetic'")
     path = split_path(path, split) or path
@@ -329,7 +104,18 @@ def open_dataset(path, split="train"):
                                 f"folders, 'relative/path label' lines or a json with images)")
     return ds
 
-# ----------------------------------------------------------------------------- subsets and manifests
+
+def open_splits(data_path, val_path=None):
+    """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
+    --data's val split (val/ or val*.json); a path without one is refused, since its 'val' would be the
+    training set."""
+    train_set = open_dataset(data_path, "train")
+    if val_path is None and not data_path.startswith("synthetic") and split_path(data_path, "val") is None:
+        raise ValueError(f"--data {data_path} has no val/ folder or val*.json: pass held-out images with --val_data")
+    return train_set, open_dataset(val_path or data_path, "val")
+
+
+# ----------------------------------------------------------------------------- 2. subsets and manifests
 
 def subset_indices(n, frac, seed):
     """The first round(frac*n) entries of one permutation drawn from `seed`, sorted: uniformly random
@@ -378,7 +164,8 @@ def read_manifest(path, names):
         raise ValueError(f"manifest {path}: {missing[0]!r} is not in the dataset")
     return np.array([where[w] for w in wanted], dtype=np.int64)
 
-# ----------------------------------------------------------------------------- decoding and transforms
+
+# ----------------------------------------------------------------------------- 3. decoding and transforms
 # The transforms return uint8 (3, H, W) tensors: a batch crosses the data loader's shared memory at a
 # quarter of float32's size (micro-batch 256 x prefetch 2 x 8 workers of 192 px: 0.45 GB per GPU, not
 # 1.8 GB), and normalize() makes the model's float input on the device.
@@ -466,6 +253,259 @@ def val_transform(img_size):
     """Deterministic view for the pre-training validation loss: shorter side to img_size, centre crop."""
     return T.Compose([to_rgb, T.Resize(img_size, T.InterpolationMode.BILINEAR), T.CenterCrop(img_size), T.PILToTensor()])
 
+
+# ----------------------------------------------------------------------------- 4. the stream
+# A sample is an Item of named fields, and so is a batch (collate batches each field): code reads
+# batch.image, batch.mask, batch.pos, never a position in a tuple.
+
+class Item(NamedTuple):
+    image: torch.Tensor  # uint8 (3, H, W); float (normalised) for fine-tuning's training view (finetune_transform)
+    label: int  # class index; -1 where a dataset has none (ADE20K)
+    pos: int  # where it came from: its stream position (TrainStream) or its dataset index (EvalSet)
+    bad: int  # unreadable files skipped to get it: each was replaced by the next one
+    mask: torch.Tensor | None = None  # SimMIM's mask of the image (mim.py), made in the data-loader worker
+    target: object = None  # a dense task's target: segment.py's label map, detect.py's boxes and masks
+
+
+def collate(items):
+    """A list of Items -> one Item whose fields are batched (default_collate); a field that is None stays None."""
+    return Item(*(None if field[0] is None else default_collate(list(field)) for field in zip(*items)))
+
+
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # PIL's failures
+
+
+def load(dataset, i, transform):
+    """Dataset image i through transform -> (image, label, target), or None if the file cannot be read or
+    decoded. A transform returns the image, or (image, target) for a dense task (segment.py's label map).
+    Silent: it runs in a data-loader worker; the training process names the file (see failure)."""
+    try:
+        img, label = dataset.open(i)
+        with img:  # closes the file handle even when decoding fails halfway
+            out = transform(img)
+    except READ_ERRORS:
+        return None
+    image, target = out if isinstance(out, tuple) else (out, None)
+    return image, label, target
+
+
+def failure(dataset, i):
+    """'path (why)' for an image that load() could not read: the training process's warning."""
+    path = os.path.join(getattr(dataset, "root", ""), dataset.name(i))
+    try:
+        with dataset.open(i)[0] as img:
+            img.load()
+    except READ_ERRORS as e:
+        return f"{path} ({type(e).__name__}: {e})"
+    return f"{path} (failed in a transform)"
+
+
+
+@functools.lru_cache(maxsize=2)  # a batch may straddle two passes; 14M entries (IN-22K) are 112 MB each
+def pass_permutation(seed, e, n):
+    """The visiting order of pass e over a subset of n images: (n,) int64, a pure function of (seed, e)."""
+    return np.random.default_rng([seed, 0, e]).permutation(n)
+
+
+class TrainStream(Dataset):
+    """Map-style over stream positions p = 0, 1, 2, ... (endless). Position p is subset entry
+    perm_e[p % n] of pass e = p // n, with perm_e drawn from (seed, e), and its augmentation is drawn
+    from (seed, p): a sample is a pure function of its position, whichever worker or rank loads it.
+    Item p has pos = p, and mask = masks(p) if `masks` is given: mim.py's mask is made in the worker too,
+    so the training process stays free."""
+    def __init__(self, dataset, indices, transform, seed, masks=None):
+        self.dataset, self.indices, self.transform, self.seed = dataset, np.asarray(indices), transform, seed
+        self.masks = masks
+
+    def index(self, pos):
+        """The dataset index at stream position pos."""
+        n = len(self.indices)
+        return int(self.indices[pass_permutation(self.seed, pos // n, n)[pos % n]])
+
+    def __getitem__(self, pos):
+        # A broken file is replaced by the next position's sample (deterministic); `bad` counts skips
+        for bad in range(MAX_BAD):
+            # fork_rng restores the CPU RNG afterwards, so with workers=0 the caller's stream is untouched;
+            # default_generator (not torch.manual_seed) leaves the CUDA generators alone
+            with torch.random.fork_rng(devices=[]):
+                seed = np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)  # (seed, p) -> 62 bits
+                torch.default_generator.manual_seed(int(seed))
+                out = load(self.dataset, self.index(pos + bad), self.transform)
+            if out is not None:
+                image, label, target = out
+                return Item(image, label, pos, bad, self.masks(pos) if self.masks else None, target)
+        raise RuntimeError(f"{MAX_BAD} unreadable images in a row from stream position {pos}: check the data path")
+
+    def skipped(self, pos, bad):
+        """Dataset indices of the `bad` unreadable files skipped for the item at position pos."""
+        return [self.index(pos + j) for j in range(bad)]
+
+
+class EvalSet(Dataset):
+    """Fixed images with a deterministic transform; item i is dataset image indices[i], or the next
+    readable one if that file is broken. Its pos is the *requested* dataset index, and its mask is
+    masks(index) if `masks` is given (mim.py: the image's fixed mask)."""
+    def __init__(self, dataset, indices, transform, masks=None):
+        self.dataset, self.indices, self.transform, self.masks = dataset, np.asarray(indices), transform, masks
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        for bad in range(min(MAX_BAD, len(self))):
+            out = load(self.dataset, int(self.indices[(i + bad) % len(self)]), self.transform)
+            if out is not None:
+                image, label, target = out
+                index = int(self.indices[i])
+                return Item(image, label, index, bad, self.masks(index) if self.masks else None, target)
+        raise RuntimeError(f"no readable image near evaluation item {i}: check the data path")
+
+
+class StreamSampler(Sampler):
+    """Yields stream positions forever: step s, micro-step m, then this rank's micro_batch positions
+    s*B + (m*world_size + rank)*micro_batch + [0, micro_batch). The global batch of step s is always
+    positions [s*B, (s+1)*B), split into contiguous pieces, so it is the same for any world size and
+    accumulation; start_step resumes mid-run. Use with DataLoader(batch_size=micro_batch)."""
+    def __init__(self, global_batch, micro_batch, rank=0, world_size=1, start_step=0):
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global batch {global_batch} is not divisible by micro-batch {micro_batch} "
+                             f"x world size {world_size}")
+        self.B, self.mb, self.rank, self.ws = global_batch, micro_batch, rank, world_size
+        self.start_step = start_step
+        self.accum = global_batch // (micro_batch * world_size)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            for m in range(self.accum):
+                first = step * self.B + (m * self.ws + self.rank) * self.mb
+                yield from range(first, first + self.mb)
+            step += 1
+
+
+def shard(n, rank, world_size):
+    """Rank r evaluates items r, r + world_size, ...: no padding and no duplicates, so (sum, count)
+    reduced over ranks is exact (DistributedSampler pads with repeats)."""
+    return list(range(rank, n, world_size))
+
+
+def quiet_worker(_):
+    """Workers ignore Ctrl-C and SIGTERM: the training process decides when to stop (it saves first), and
+    its workers end with it, without a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False, collate_fn=collate):
+    """A DataLoader of Items (or of what collate_fn makes) with the throughput settings. It gets its own generator (so `shuffle` is seeded by 0):
+    DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run.
+    Each worker keeps 2 batches ready: enough to hide a slow file, and shared memory stays small."""
+    extra = dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=quiet_worker) if workers > 0 else {}
+    return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator().manual_seed(0),
+                      collate_fn=collate_fn, **extra)
+
+
+# ----------------------------------------------------------------------------- beyond class folders
+# ImageNet-22K's 14M names as file lists, iNaturalist 2018's json: names packed into one byte array.
+
+class Names:
+    """Image names (paths relative to the dataset root) packed into one byte array: name i is
+    blob[offsets[i]:offsets[i + 1] - 1], each name followed by a newline. A Python list of str costs
+    ~100 bytes per name and, as every worker touches the objects' reference counts, is copied page by
+    page into each forked data-loader worker; this costs the name's UTF-8 bytes + 9, and reads do not
+    write to it (measured on a 2M-line list of ImageNet-22K names, with the labels: 47 bytes per image
+    against 128; for IN-22K's 14M images, 0.66 GB per process instead of 1.8 GB)."""
+    def __init__(self, blob, offsets):
+        self.blob, self.offsets = blob, offsets  # (total bytes,) uint8, (n + 1,) int64
+
+    @classmethod
+    def from_list(cls, names):
+        encoded = [os.fsencode(n) + b"\n" for n in names]  # fsencode: any file name round-trips, even invalid UTF-8
+        newline = [n for n, e in zip(names, encoded) if e.count(b"\n") > 1]
+        if newline:
+            raise ValueError(f"an image name contains a newline: {newline[0]!r}")
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1] - 1].tobytes())
+
+    def __iter__(self):
+        for k in range(0, len(self), 1 << 16):  # 64K names at a time: one split, no per-name slicing
+            yield from map(os.fsdecode, self.joined(range(k, min(k + (1 << 16), len(self)))).split(b"\n")[:-1])
+
+    def joined(self, indices):
+        """b''.join(name + newline for the names at `indices`), gathered without a Python loop over names."""
+        idx = np.asarray(indices, np.int64)
+        start, length = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        # byte j of the result, inside name k, is blob[start[k] + j - (bytes of the names before k)]
+        first = np.cumsum(length) - length
+        return self.blob[np.repeat(start - first, length) + np.arange(length.sum())].tobytes()
+
+
+
+def read_file_list(path):
+    """Lines 'relative/path label' (paths relative to the list's folder; a path may contain spaces, the
+    label is the last word): ImageNet-22K's usual format, because scanning 14M files on every start takes
+    longer than reading one text file. One pass, ~0.5 us per line, that appends each name to one byte
+    array and each label to one int64 array: no Python object per line survives the loop."""
+    blob, ends, labels = bytearray(), array.array("q", [0]), array.array("q")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rsplit(None, 1)  # [path, label]; rsplit strips the line's end (and \r\n)
+            if not parts:
+                continue  # a blank line
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line.strip().decode(errors='replace')!r}")
+            label = int(parts[1]) if len(parts[1]) <= 12 else MAX_CLASSES  # a longer number is too large anyway
+            if label >= MAX_CLASSES:  # a malformed list, whose classes would exhaust the memory
+                raise ValueError(f"{path}:{n}: labels are class indices below {MAX_CLASSES:,}, got {parts[1].decode()[:40]}")
+            blob += parts[0].lstrip() + b"\n"
+            ends.append(len(blob))
+            labels.append(label)
+    names = Names(np.frombuffer(blob, np.uint8), np.frombuffer(ends, np.int64))  # views, no copies
+    classes = [str(k) for k in range(max(labels, default=-1) + 1)]
+    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, np.frombuffer(labels, np.int64), classes)
+
+
+def read_coco_json(path):
+    """A classification set in COCO-style json, as iNaturalist 2018 ships (train2018.json, val2018.json):
+    `images` {id, file_name relative to the json's folder}, `annotations` {image_id, category_id}, one per
+    image, and `categories` {id}. Labels are the category ids mapped to 0..K-1 in sorted order (iNat18's
+    ids 0..8141 map to themselves); `classes` holds the original ids, as strings, in label order: the
+    mapping a run records. The per-image dicts of the json live only while this function runs."""
+    with open(path, "rb") as f:
+        d = json.load(f)
+    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
+        raise ValueError(f"{path}: not a COCO-style json with 'images' and 'annotations'")
+    try:
+        names = Names.from_list([im["file_name"] for im in d["images"]])
+        image_ids = np.array([im["id"] for im in d["images"]], np.int64)
+        ann_image = np.array([a["image_id"] for a in d["annotations"]], np.int64)
+        ann_category = np.array([a["category_id"] for a in d["annotations"]], np.int64)
+        categories = [c["id"] for c in d.get("categories", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: an image needs 'id' and 'file_name', an annotation 'image_id' and 'category_id' ({e!r})") from None
+    del d
+    if len(ann_image) != len(image_ids) or len(np.unique(ann_image)) != len(ann_image):
+        raise ValueError(f"{path}: {len(ann_image)} annotations for {len(image_ids)} images; a classification set has one per image")
+    order = np.argsort(ann_image)  # image k's annotation: look its id up among the sorted annotation ids
+    ann = order[np.searchsorted(ann_image, image_ids, sorter=order).clip(max=len(order) - 1)]
+    if np.any(ann_image[ann] != image_ids):
+        raise ValueError(f"{path}: image id {image_ids[ann_image[ann] != image_ids][0]} has no annotation")
+    category_ids = np.unique(categories if categories else ann_category)  # sorted: label = position
+    label = np.searchsorted(category_ids, ann_category[ann]).clip(max=len(category_ids) - 1)
+    if np.any(category_ids[label] != ann_category[ann]):
+        raise ValueError(f"{path}: category_id {ann_category[ann][category_ids[label] != ann_category[ann]][0]} is not among its categories")
+    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, label, [str(c) for c in category_ids])
+
+
+
 # ----------------------------------------------------------------------------- fine-tuning augmentation
 # RandAugment as the official fine-tuning runs it: timm's 'rand-m9-mstd0.5-inc1' (the RandAugment of
 # Cubuk et al. 2020 as timm implements it), built here from torchvision's functional ops on PIL images,
@@ -545,132 +585,3 @@ def finetune_transform(img_size, train, aug="paper"):
                       RandAugment(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                       T.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
 
-
-READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # PIL's failures
-
-
-def load(dataset, i, transform):
-    """dataset[i] through transform -> (tensor, label), or None if the file cannot be read or decoded.
-    Silent: it runs in a data-loader worker; the training process names the file (see failure)."""
-    try:
-        img, label = dataset.open(i)
-        with img:  # closes the file handle even when decoding fails halfway
-            return transform(img), label
-    except READ_ERRORS:
-        return None
-
-
-def failure(dataset, i):
-    """'path (why)' for an image that load() could not read: the training process's warning."""
-    path = os.path.join(getattr(dataset, "root", ""), dataset.name(i))
-    try:
-        with dataset.open(i)[0] as img:
-            img.load()
-    except READ_ERRORS as e:
-        return f"{path} ({type(e).__name__}: {e})"
-    return f"{path} (failed in a transform)"
-
-
-# ----------------------------------------------------------------------------- training stream and sampler
-
-@functools.lru_cache(maxsize=2)  # a batch may straddle two passes; 14M entries (IN-22K) are 112 MB each
-def pass_permutation(seed, e, n):
-    """The visiting order of pass e over a subset of n images: (n,) int64, a pure function of (seed, e)."""
-    return np.random.default_rng([seed, 0, e]).permutation(n)
-
-
-class TrainStream(Dataset):
-    """Map-style over stream positions p = 0, 1, 2, ... (endless). Position p is subset entry
-    perm_e[p % n] of pass e = p // n, with perm_e drawn from (seed, e), and its augmentation is drawn
-    from (seed, p): a sample is a pure function of its position, whichever worker or rank loads it.
-    An item is (image, label, p, bad, *extra): bad counts the unreadable files skipped to get it, and
-    extra(p), if given, is computed in the worker too (mim.py's mask: the training process stays free)."""
-    def __init__(self, dataset, indices, transform, seed, extra=None):
-        self.dataset, self.indices, self.transform, self.seed = dataset, np.asarray(indices), transform, seed
-        self.extra = extra
-
-    def index(self, pos):
-        """The dataset index at stream position pos."""
-        n = len(self.indices)
-        return int(self.indices[pass_permutation(self.seed, pos // n, n)[pos % n]])
-
-    def __getitem__(self, pos):
-        # A broken file is replaced by the next position's sample (deterministic); `bad` counts skips
-        for bad in range(MAX_BAD):
-            # fork_rng restores the CPU RNG afterwards, so with workers=0 the caller's stream is untouched;
-            # default_generator (not torch.manual_seed) leaves the CUDA generators alone
-            with torch.random.fork_rng(devices=[]):
-                seed = np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)  # (seed, p) -> 62 bits
-                torch.default_generator.manual_seed(int(seed))
-                out = load(self.dataset, self.index(pos + bad), self.transform)
-            if out is not None:
-                return (out[0], out[1], pos, bad) + ((self.extra(pos),) if self.extra else ())
-        raise RuntimeError(f"{MAX_BAD} unreadable images in a row from stream position {pos}: check the data path")
-
-    def skipped(self, pos, bad):
-        """Dataset indices of the `bad` unreadable files skipped for the item at position pos."""
-        return [self.index(pos + j) for j in range(bad)]
-
-
-class EvalSet(Dataset):
-    """Fixed images with a deterministic transform; item i is dataset image indices[i], or the next
-    readable one if that file is broken. Items are (image, label, the *requested* dataset index, skipped
-    bad files), plus extra(index) if `extra` is given (mim.py: the image's fixed mask)."""
-    def __init__(self, dataset, indices, transform, extra=None):
-        self.dataset, self.indices, self.transform, self.extra = dataset, np.asarray(indices), transform, extra
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        for bad in range(min(MAX_BAD, len(self))):
-            out = load(self.dataset, int(self.indices[(i + bad) % len(self)]), self.transform)
-            if out is not None:
-                index = int(self.indices[i])
-                return (out[0], out[1], index, bad) + ((self.extra(index),) if self.extra else ())
-        raise RuntimeError(f"no readable image near evaluation item {i}: check the data path")
-
-
-class StreamSampler(Sampler):
-    """Yields stream positions forever: step s, micro-step m, then this rank's micro_batch positions
-    s*B + (m*world_size + rank)*micro_batch + [0, micro_batch). The global batch of step s is always
-    positions [s*B, (s+1)*B), split into contiguous pieces, so it is the same for any world size and
-    accumulation; start_step resumes mid-run. Use with DataLoader(batch_size=micro_batch)."""
-    def __init__(self, global_batch, micro_batch, rank=0, world_size=1, start_step=0):
-        if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global batch {global_batch} is not divisible by micro-batch {micro_batch} "
-                             f"x world size {world_size}")
-        self.B, self.mb, self.rank, self.ws = global_batch, micro_batch, rank, world_size
-        self.start_step = start_step
-        self.accum = global_batch // (micro_batch * world_size)
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            for m in range(self.accum):
-                first = step * self.B + (m * self.ws + self.rank) * self.mb
-                yield from range(first, first + self.mb)
-            step += 1
-
-
-def shard(n, rank, world_size):
-    """Rank r evaluates items r, r + world_size, ...: no padding and no duplicates, so (sum, count)
-    reduced over ranks is exact (DistributedSampler pads with repeats)."""
-    return list(range(rank, n, world_size))
-
-
-def quiet_worker(_):
-    """Workers ignore Ctrl-C and SIGTERM: the training process decides when to stop (it saves first), and
-    its workers end with it, without a traceback each."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False, collate_fn=None):
-    """A DataLoader with the throughput settings. It gets its own generator (so `shuffle` is seeded by 0):
-    DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run.
-    Each worker keeps 2 batches ready: enough to hide a slow file, and shared memory stays small."""
-    extra = dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=quiet_worker) if workers > 0 else {}
-    return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator().manual_seed(0),
-                      collate_fn=collate_fn, **extra)

@@ -55,6 +55,7 @@ from tqdm import tqdm
 import data
 import finetune
 import swinv2
+import synthetic
 import train
 from train import print0
 
@@ -253,19 +254,19 @@ def rle_counts(segmentation, h, w):
 
 
 class SyntheticCoco(CocoIndex):
-    """data.SyntheticImages as a COCO dataset held in memory: the main shape and every copy of the small shapes
+    """synthetic.SyntheticImages as a COCO dataset held in memory: the main shape and every copy of the small shapes
     of the background pattern are each image's instances (category id = class + 1, an RLE mask of the visible
     pixels, its box; a small plain shape of kind k has the class of the plain main shape of that kind), so
     training and evaluation below treat it exactly like COCO. Only the image loading differs."""
 
-    def __init__(self, images: data.SyntheticImages):
+    def __init__(self, images: synthetic.SyntheticImages):
         anns = []
         for i in range(len(images)):
             for cls, m in images.scene(i)[2]:  # never an empty mask: data.py leaves hidden copies out
                 rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
                 anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
                                  bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
-        S = data.SYNTHETIC_SIZE
+        S = synthetic.SIZE
         super().__init__(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
                               annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]), root="")
         self.images = images
@@ -389,13 +390,14 @@ class PairStream(data.TrainStream):
                     image, target = self.transform(*self.dataset[self.index(pos + bad)])
                 except data.READ_ERRORS:
                     continue
-            return image, target, pos, bad
+            return data.Item(image, -1, pos, bad, target=target)
         raise RuntimeError(f"{data.MAX_BAD} unreadable images in a row from stream position {pos}: check --data")
 
 
 class EvalImages(torch.utils.data.Dataset):
-    """Validation images at their original size, uint8 (3, H, W), with their COCO image ids: the model's
-    transform resizes and pads them, and maps its predictions back to this size."""
+    """Validation images at their original size, uint8 (3, H, W), as data.Items whose pos is the image's
+    index in the CocoIndex: the model's transform resizes and pads them, and maps its predictions back to
+    this size."""
 
     def __init__(self, index: CocoIndex, indices):
         self.index, self.indices = index, [int(i) for i in indices]
@@ -404,15 +406,16 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        k = self.indices[i]
-        return self.index.image(k), int(self.index.ids[k])
+        return data.Item(self.index.image(self.indices[i]), -1, self.indices[i], 0)
 
 
-def collate(batch):
-    """Images and targets stay lists (Mask R-CNN takes lists; evaluation images differ in size); the rest
-    (image ids; stream positions and skipped files, which train.loop reads) become tensors."""
-    images, *rest = zip(*batch)
-    return (list(images), *(list(x) if isinstance(x[0], dict) else torch.tensor(x) for x in rest))
+def collate(items):
+    """data.collate for detection: images and targets stay lists (Mask R-CNN takes lists; evaluation images
+    differ in size); labels, positions and skipped files (which train.loop reads) become tensors."""
+    numbers = lambda field: torch.tensor([getattr(item, field) for item in items])
+    targets = [item.target for item in items]
+    return data.Item([item.image for item in items], numbers("label"), numbers("pos"), numbers("bad"),
+                     target=None if targets[0] is None else targets)
 
 
 def model_input(images, device):
@@ -472,11 +475,12 @@ def evaluate(model, loader, gt: CocoIndex, cat_ids, device):
     COCOeval on gt.coco (built there only), and every rank returns its numbers, the same for any world size."""
     model.eval()
     results, image_ids = [], []
-    for images, ids in loader:
-        preds = model(model_input(images, device))
-        for pred, image_id in zip(preds, ids.tolist()):
+    for batch in loader:
+        preds = model(model_input(batch.image, device))
+        ids = [int(gt.ids[k]) for k in batch.pos.tolist()]  # COCO's image ids
+        for pred, image_id in zip(preds, ids):
             results += coco_results(pred, image_id, cat_ids)
-        image_ids += ids.tolist()
+        image_ids += ids
     model.train()
     master = not dist.is_initialized() or dist.get_rank() == 0
     if dist.is_initialized():  # to rank 0 only: the other ranks never hold the results of all images
@@ -569,7 +573,7 @@ def get_parser():
 RECIPES = {
     "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
                   milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
-    "cpu": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
+    "demo": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
                 milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
 }
 FREE = train.FREE | {"allow_unfinished", "val_images"}  # the evaluation subset is a measurement choice, not part of training
@@ -578,7 +582,7 @@ FREE = train.FREE | {"allow_unfinished", "val_images"}  # the evaluation subset 
 def resolve(args, world_size):
     """Check the flags together and derive the run's numbers in one visible place; args is never modified.
     Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "demo"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     if args.milestones is None:  # the recipe's fractions of the run (27/36 and 33/36 of the 3x schedule), whatever --epochs
         r["milestones"] = tuple(m * r["epochs"] / recipe["epochs"] for m in recipe["milestones"])
@@ -628,8 +632,30 @@ def get_lr(step, r):
 # the script
 
 
+def eval_only(run, model, K, val_loader, val_set, cat_ids, classes, val_idx, device, model_name, epoch_steps, master):
+    """--eval_only: box and mask AP of the run directory's checkpoint, written to eval.json. A measurement:
+    no lock is taken and nothing else is written but its picture."""
+    ckpt = train.load_for_eval(run.ckpt, model, model.backbone.encoder, model_name, master, classes=K)
+    metrics = coco_eval(ckpt["step"], model, val_loader, val_set, cat_ids, classes, val_idx, run, device, master)
+    metrics = dict(epoch=ckpt["step"] / epoch_steps, **metrics)
+    if master:
+        train.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
+    return metrics
+
+
+def coco_eval(step, model, val_loader, val_set, cat_ids, classes, val_idx, run, device, master):
+    """An evaluation (every rank): COCO AP, printed and drawn by rank 0."""
+    metrics = evaluate(model, val_loader, val_set, cat_ids, device)
+    if master:
+        pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
+        tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} "
+                   f"on {len(val_idx)} images")
+        save_pictures(run.file(f"pred_{step:07d}.png"), model, val_set, val_idx, classes, device)
+    return metrics
+
+
 def main(argv=None):
-    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
+    # ---- flags, checkpoint, data: every bad flag, path or file is refused in one line, before any work
     args = get_parser().parse_args(argv)
     train.warn_cpu(args.model)
     try:
@@ -643,91 +669,86 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return train.launch(r["out_dir"], detect, args, r, model, missing, pretrained, train_set, val_set)
-
-
-def detect(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
-    master, K, N, B = rank == 0, len(train_set.cat_ids), len(train_set), r["batch_size"]
-    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
-    p = pretrained
-    print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px square, windows "
-           f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
-    finetune.print_pretrained(p, missing)
-    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
-    print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
-           f"x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
-    print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
-           f"warmup {r['warmup_iters']} steps from 0.001x")
-
-    # ---- data: fixed evaluation images, sharded over ranks (the training stream comes with the loop)
+    K, N, B, p = len(train_set.cat_ids), len(train_set), r["batch_size"], pretrained
+    # fixed evaluation images (sharded over ranks below); the training stream, jittered per stream position
     val_idx = np.arange(len(val_set))
     if 0 < args.val_images < len(val_set):
         val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[:args.val_images])
-    val_loader = data.make_loader(EvalImages(val_set, val_idx), r["micro_batch"], sampler=data.shard(len(val_idx), rank, world),
-                                  workers=workers, collate_fn=collate)
-
-    # ---- optimizer: layer-wise decay over the encoder, the full LR for everything new
-    model = raw_model = model.to(device)
-    raw_model.backbone.autocast = ctx  # mixed precision in the encoder and FPN only (SwinFPN.forward)
-    optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
-    print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M encoder, "
-           f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all")
-    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
-
-    def coco_eval(step):  # every rank; rank 0 draws
-        metrics = evaluate(raw_model, val_loader, val_set, train_set.cat_ids, device)
-        if master:
-            pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
-            tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} on {len(val_idx)} images")
-            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_set, val_idx, train_set.classes, device)
-        return dict(epoch=step / r["epoch_steps"], **metrics)
-
-    if args.eval_only:  # a measurement of the run directory's checkpoint: no lock, nothing written but eval.json
-        ckpt = train.load_for_eval(run.ckpt, raw_model, raw_model.backbone.encoder, args.model, master, classes=K)
-        metrics = coco_eval(ckpt["step"])
-        if master:
-            train.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
-        return metrics
-
-    # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
-    if done:
-        return done["coco_eval"]
-    if master:
-        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
-                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
-                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=train_set.classes,
-                                                  torch=str(torch.__version__)))
-
-    # ---- the loop (train.loop): the five Mask R-CNN losses are the terms of each log row
     stream = PairStream(train_set, LargeScaleJitter(r["img_size"], r["jitter"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
-    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
-    if world > 1:
-        model = train.ddp(model, device)
 
-    def loss_fn(batch):
-        images, targets = model_input(batch[0], device), model_targets(batch[1], r["img_size"], device)
-        losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch; bf16 in the backbone only
-        return sum(losses.values()), losses
+    # ---- processes and the run directory (let go however this block ends)
+    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+        master = rank == 0
+        dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
+        print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px "
+               f"square, windows {model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, "
+               f"{K} classes")
+        finetune.print_pretrained(p, missing)
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = "
+               f"{r['iters']} steps, x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; "
+               f"jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
+        print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
+               f"warmup {r['warmup_iters']} steps from 0.001x")
+        val_loader = data.make_loader(EvalImages(val_set, val_idx), r["micro_batch"], workers=workers,
+                                      sampler=data.shard(len(val_idx), rank, world), collate_fn=collate)
 
-    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained,
-                                model_config=swinv2.model_config(raw_model.backbone.encoder))
-    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
-               loss_fn=loss_fn, lr_at=lambda step, scale: scale * get_lr(step, r), evaluate=coco_eval, meta=meta)
+        # ---- model and optimizer: layer-wise decay over the encoder, the full LR for everything new
+        model = raw_model = model.to(device)
+        raw_model.backbone.autocast = ctx  # mixed precision in the encoder and FPN only (SwinFPN.forward)
+        optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
+        print0(f"{'parameters':>14} {sum(p.numel() for p in raw_model.backbone.encoder.parameters()) / 1e6:.1f}M "
+               f"encoder, {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M in all")
+        if args.eval_only:
+            return eval_only(run, raw_model, K, val_loader, val_set, train_set.cat_ids, train_set.classes, val_idx,
+                             device, args.model, r["epoch_steps"], master)
 
-    # ---- the summary, from the log: the last evaluation (detection reports the final model)
-    if not master:
-        return {}
-    rows = [row for _, row in run.rows()]
-    evals = [row for row in rows if "box_ap" in row]
-    coco = {k: evals[-1][k] for k in evals[-1] if k.startswith(("box_", "mask_"))}
-    summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
-                   metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]), coco_eval=coco,
-                   **run.counters())
-    train.save_json(run.file("summary.json"), summary)
-    return coco
+        # ---- the run directory: lock, resume (another run's checkpoint is refused)
+        origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+        identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K,
+                                     dtype=str(dtype))
+        state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+        if done:
+            return done["coco_eval"]
+        if master:
+            train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
+                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
+                                                        task=r["task"], steps_per_epoch=r["epoch_steps"],
+                                                        iters=r["iters"], classes=train_set.classes,
+                                                        torch=str(torch.__version__)))
+
+        # ---- the loop: train.loop runs the steps; the five Mask R-CNN losses are the terms of each log row
+        sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
+        batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers, collate_fn=collate))
+        if world > 1:
+            model = train.ddp(model, device)
+
+        def loss_fn(batch):
+            images, targets = model_input(batch.image, device), model_targets(batch.target, r["img_size"], device)
+            losses = model(images, targets)  # RoI sampling is seeded by the loop, per micro-batch; bf16 in the backbone
+            return sum(losses.values()), losses
+
+        def evaluate_at(step):
+            metrics = coco_eval(step, raw_model, val_loader, val_set, train_set.cat_ids, train_set.classes, val_idx,
+                                run, device, master)
+            return dict(epoch=step / r["epoch_steps"], **metrics)
+
+        keep = dict(identity=identity, args=vars(args), pretrained=pretrained,
+                    model_config=swinv2.model_config(raw_model.backbone.encoder))
+        train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream,
+                   batches=batches, loss_fn=loss_fn, lr_at=lambda step, scale: scale * get_lr(step, r),
+                   evaluate=evaluate_at, keep=keep)
+
+        # ---- the summary, from the log: the last evaluation (detection reports the final model)
+        if not master:
+            return {}
+        evals = [row for _, row in run.rows() if "box_ap" in row]
+        coco = {k: evals[-1][k] for k in evals[-1] if k.startswith(("box_", "mask_"))}
+        summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data,
+                       pretrained=pretrained, metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]),
+                       coco_eval=coco, **run.counters())
+        train.save_json(run.file("summary.json"), summary)
+        return coco
 
 
 if __name__ == "__main__":

@@ -142,11 +142,11 @@ def evaluate(model, loader, device, ctx):
     (correct, count) over ranks, so the numbers are exact and the same for any world size."""
     model.eval()
     c1 = c5 = n = 0
-    for x, y, _, _ in loader:
+    for batch in loader:
         with ctx:
-            logits = model(data.normalize(x.to(device, non_blocking=True)))
-        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu() == y[:, None]  # (B, 5)
-        c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(y)
+            logits = model(data.normalize(batch.image.to(device, non_blocking=True)))
+        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu() == batch.label[:, None]  # (B, 5)
+        c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(batch.label)
     model.train()
     c1, c5, n = train.all_sum(c1, c5, n, device=device)
     return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n)
@@ -210,7 +210,7 @@ RECIPES = {
     # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns nothing
     # (12-15 % top-1, chance 10 %). Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the
     # LR: after a 600-step pre-training, 4 epochs reach 24 % with it and 32 % without it (one seed).
-    "cpu": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
+    "demo": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
                  mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
 }
 FREE = train.FREE | {"allow_unfinished", "val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
@@ -219,7 +219,7 @@ FREE = train.FREE | {"allow_unfinished", "val_images"}  # fine-tuning's evaluati
 def resolve(args, world_size):
     """Check the flags together and derive the run's numbers in one visible place; args is never modified.
     Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "demo"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     if r["warmup_epochs"] > r["epochs"]:
         raise ValueError(f"--warmup_epochs {r['warmup_epochs']} is longer than --epochs {r['epochs']}")
@@ -254,14 +254,31 @@ def steps(r, n_train):
 # the script
 
 
+def eval_only(run, model, missing, K, val_loader, device, ctx, model_name, master):
+    """--eval_only: top-1 and top-5 of the run directory's checkpoint, else of --pretrained's own head,
+    written to eval.json. A measurement: no lock is taken and nothing else is written."""
+    if os.path.exists(run.ckpt):
+        step = train.load_for_eval(run.ckpt, model, model, model_name, master, classes=K)["step"]
+    elif missing:
+        train.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
+    else:
+        step = 0
+    top1, top5, n = evaluate(model, val_loader, device, ctx)
+    print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
+    if master:
+        os.makedirs(run.path, exist_ok=True)
+        train.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
+    return dict(top1=top1, top5=top5)
+
+
 def main(argv=None):
-    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
+    # ---- flags, checkpoint, data: every bad flag, path or file is refused in one line, before any work
     args = get_parser().parse_args(argv)
     train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         ckpt, pretrained = read_pretrained(args.pretrained, args.allow_unfinished)
-        train_set, val_set = train.open_splits(args.data, args.val_data)
+        train_set, val_set = data.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of --data {args.data}")
@@ -270,101 +287,95 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return train.launch(r["out_dir"], finetune, args, r, model, missing, pretrained, train_set, val_set)
-
-
-def finetune(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
-    master, K, N, B = rank == 0, len(train_set.classes), len(train_set), r["batch_size"]
-    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
-    p = pretrained
-    print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over pre-trained "
-           f"{model.cfg.pretrained_window_sizes}, {K} classes")
-    print_pretrained(p, missing)
-    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
-    print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = {r['iters']} steps, "
-           f"warmup {r['warmup_iters']}")
-    print0(f"{'LR':>14} {r['lr']:g} per 512 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}); "
-           f"warmup from {r['start_lr']:.3g} and cosine to {r['min_lr']:.3g}, both unscaled")
-
-    # ---- data: fixed evaluation images, sharded over ranks (the training stream comes with the loop)
+    N, B, p = len(train_set), r["batch_size"], pretrained
+    # fixed evaluation images (sharded over ranks below); the training stream is data.py's, as in mim.py
     val_idx = np.arange(len(val_set))
     if 0 < args.val_images < len(val_set):
         val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[:args.val_images])
     val_stream = data.EvalSet(val_set, val_idx, data.finetune_transform(r["img_size"], train=False))
-    val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world), workers=workers)
+    stream = data.TrainStream(train_set, np.arange(N), data.finetune_transform(r["img_size"], train=True, aug=r["aug"]),
+                              args.seed)
 
-    # ---- optimizer; the table shows layer decay at work
-    model = raw_model = model.to(device)
-    groups = param_groups(model, args.weight_decay, r["layer_decay"])
-    optimizer = train.adamw(groups, r["peak_lr"])
-    print0(f"{'layer id':>14} {'LR scale':>9} {'wd':>5} {'tensors':>7}")
-    for g in sorted(groups, key=lambda g: (model.layer_id(g["names"][0]), -g["weight_decay"])):
-        ids = sorted({model.layer_id(n) for n in g["names"]})  # one id per group, unless layer_decay is 1
-        print0(f"{ids[0] if len(ids) == 1 else f'{ids[0]}-{ids[-1]}':>14} {g['lr_scale']:9.2e} {g['weight_decay']:5g} {len(g['params']):7d}")
-    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
+    # ---- processes and the run directory (let go however this block ends)
+    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+        master = rank == 0
+        dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
+        print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over "
+               f"pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
+        print_pretrained(p, missing)
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = "
+               f"{r['iters']} steps, warmup {r['warmup_iters']}")
+        print0(f"{'LR':>14} {r['lr']:g} per 512 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}); "
+               f"warmup from {r['start_lr']:.3g} and cosine to {r['min_lr']:.3g}, both unscaled")
+        val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world),
+                                      workers=workers)
 
-    if args.eval_only:  # a measurement: the run directory's checkpoint, else --pretrained's own head
-        if os.path.exists(run.ckpt):
-            step = train.load_for_eval(run.ckpt, raw_model, raw_model, args.model, master, classes=K)["step"]
-        elif missing:
-            train.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
-        else:
-            step = 0
-        top1, top5, n = evaluate(raw_model, val_loader, device, ctx)
-        print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
+        # ---- model and optimizer; the table shows layer decay at work
+        model = raw_model = model.to(device)
+        groups = param_groups(model, args.weight_decay, r["layer_decay"])
+        optimizer = train.adamw(groups, r["peak_lr"])
+        print0(f"{'layer id':>14} {'LR scale':>9} {'wd':>5} {'tensors':>7}")
+        for g in sorted(groups, key=lambda g: (model.layer_id(g["names"][0]), -g["weight_decay"])):
+            ids = sorted({model.layer_id(n) for n in g["names"]})  # one id per group, unless layer_decay is 1
+            layers = ids[0] if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+            print0(f"{layers:>14} {g['lr_scale']:9.2e} {g['weight_decay']:5g} {len(g['params']):7d}")
+        if args.eval_only:
+            return eval_only(run, raw_model, missing, K, val_loader, device, ctx, args.model, master)
+
+        # ---- the run directory: lock, resume (another run's checkpoint is refused)
+        origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+        identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K,
+                                     dtype=str(dtype))
+        state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+        if done:
+            return dict(top1=done["last_top1"], top5=done["last_top5"])
         if master:
-            os.makedirs(run.path, exist_ok=True)
-            train.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
-        return dict(top1=top1, top5=top5)
+            train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
+                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
+                                                        task=r["task"], steps_per_epoch=r["epoch_steps"],
+                                                        iters=r["iters"], classes=list(train_set.classes),
+                                                        torch=str(torch.__version__)))
 
-    # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
-    if done:
-        return dict(top1=done["last_top1"], top5=done["last_top5"])
-    if master:
-        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
-                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"],
-                                                  steps_per_epoch=r["epoch_steps"], iters=r["iters"], classes=list(train_set.classes),
-                                                  torch=str(torch.__version__)))
+        # ---- the loop: train.loop runs the steps; a step's forward is loss_fn, an evaluation is accuracy
+        sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
+        batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
+        mix = make_mixer(r["mixup"], r["cutmix"], args.smoothing, K)
+        if args.compile:
+            model = torch.compile(model)
+        if world > 1:
+            model = train.ddp(model, device)
 
-    # ---- the loop
-    stream = data.TrainStream(train_set, np.arange(N), data.finetune_transform(r["img_size"], train=True, aug=r["aug"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
-    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
-    mix = make_mixer(r["mixup"], r["cutmix"], args.smoothing, K)
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = train.ddp(model, device)
+        def loss_fn(batch):
+            x, labels = batch.image.to(device, non_blocking=True), batch.label.to(device, non_blocking=True)
+            x, target = mix(data.normalize(x), labels)  # seeded by the loop, per micro-batch
+            with ctx:
+                logits = model(x)
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean(), {}  # soft-target CE, fp32
 
-    def loss_fn(batch):
-        x, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        x, target = mix(data.normalize(x), labels)  # seeded by the loop, per micro-batch
-        with ctx:
-            logits = model(x)
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean(), {}  # soft-target CE, fp32
+        def accuracy(step):
+            top1, top5, _ = evaluate(raw_model, val_loader, device, ctx)
+            if master:
+                tqdm.write(f"epoch {step / r['epoch_steps']:g} (step {step}): top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+            return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
 
-    def accuracy(step):
-        top1, top5, _ = evaluate(raw_model, val_loader, device, ctx)
-        if master:
-            tqdm.write(f"epoch {step / r['epoch_steps']:g} (step {step}): top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-        return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
+        keep = dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model))
+        train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream,
+                   batches=batches, loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r),
+                   evaluate=accuracy, keep=keep)
 
-    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model))
-    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
-               loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r), evaluate=accuracy, meta=meta)
+        # ---- the summary, from the log: the best epoch, as the official max_accuracy (and the paper) report,
+        # and the last
+        if not master:
+            return {}
+        evals = [row for _, row in run.rows() if "top1" in row]
+        summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data,
+                       pretrained=pretrained, best_top1=max(row["top1"] for row in evals),
+                       best_top5=max(row["top5"] for row in evals), last_top1=evals[-1]["top1"],
+                       last_top5=evals[-1]["top5"], **run.counters())
+        train.save_json(run.file("summary.json"), summary)
+        return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 
-    # ---- the summary, from the log: the best epoch, as the official max_accuracy (and the paper) report, and the last
-    if not master:
-        return {}
-    rows = [row for _, row in run.rows()]
-    evals = [row for row in rows if "top1" in row]
-    summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data, pretrained=pretrained,
-                   best_top1=max(row["top1"] for row in evals), best_top5=max(row["top5"] for row in evals),
-                   last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"], **run.counters())
-    train.save_json(run.file("summary.json"), summary)
-    return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ run gives the same global batches whatever the world size or accumulation, and a
 continues exactly where it stopped; checkpoints need no RNG state. How a step, a log row, a checkpoint
 and a stop are made is train.py's, shared by every training script. Read next: train.py, then finetune.py.
 """
-import functools
 import math
 import os
 import sys
@@ -41,10 +40,11 @@ from train import print0
 
 class MaskGenerator:
     """A random mask on a grid of `mask_patch` cells: ceil(ratio * cells) cells are masked (22 of 36
-    at 192 px, 32 px cells, ratio 0.6, so 61.1 %), upsampled to the model's patch grid.
-    1 = masked. Seeded per sample, so a mask is a pure function of its seed."""
+    at 192 px, 32 px cells, ratio 0.6, so 61.1 %), upsampled to the model's patch grid. 1 = masked.
+    masks(p) is the mask of sample p (a stream position, or a validation image's index), a pure function
+    of (seed, p): the data-loader workers make it, and a resumed run gets the same masks."""
 
-    def __init__(self, img_size=192, mask_patch=32, model_patch=4, ratio=0.6):
+    def __init__(self, img_size=192, mask_patch=32, model_patch=4, ratio=0.6, seed=0):
         if img_size % mask_patch:
             raise ValueError(f"--img_size {img_size} must be divisible by --mask_patch {mask_patch}")
         if mask_patch % model_patch:
@@ -52,10 +52,10 @@ class MaskGenerator:
         if not 0 < ratio < 1:
             raise ValueError(f"--mask_ratio must be in (0, 1), got {ratio}")
         self.grid, self.scale = img_size // mask_patch, mask_patch // model_patch
-        self.count = math.ceil(self.grid**2 * ratio)
+        self.count, self.seed = math.ceil(self.grid**2 * ratio), seed
 
-    def __call__(self, seed):
-        g = torch.Generator().manual_seed(seed)
+    def __call__(self, p):
+        g = torch.Generator().manual_seed(self.seed * 2**40 + p)
         mask = torch.zeros(self.grid**2)
         mask[torch.randperm(self.grid**2, generator=g)[: self.count]] = 1
         mask = mask.view(self.grid, self.grid)
@@ -132,13 +132,15 @@ class SimMIM(nn.Module):
 # the recipe and the command line: every flag checks its own value, before any work starts
 
 
-# The flags a preset decides: the paper's recipe for S..g, a CPU-minute recipe for nano and tiny. These predict
-# plain (ImageNet-normalised) pixels: the 47 px local normalisation leaves only fine detail, which a
-# 2M-parameter model does not learn in minutes (measured: val loss 0.743 -> 0.740 in 200 steps with a
-# 15 px window, 0.576 -> 0.547 without), so the demo would show nothing.
+# The flags a preset decides: the paper's recipe for its sizes S..g (sec. 3), and a demo recipe of CPU
+# minutes for the small sizes nano and tiny. The demo predicts plain (ImageNet-normalised) pixels: the
+# 47 px local normalisation leaves only fine detail, which a 2M-parameter model does not learn in
+# minutes, so the demo would show nothing (docs/differences.md has the measurement).
 RECIPES = {
-    "paper": dict(iters=500000, batch_size=2048, lr=1e-4, mask_patch=32, norm_target=47, eval_every=5000, log_every=50, save_every=1000),
-    "cpu": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10, save_every=50),
+    "paper": dict(iters=500000, batch_size=2048, lr=1e-4, mask_patch=32, norm_target=47, eval_every=5000, log_every=50,
+                  save_every=1000),
+    "demo": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10,
+                 save_every=50),
 }
 # Flags that never change what a run computes (train.FREE): free to change when a run resumes.
 FREE = train.FREE
@@ -188,7 +190,7 @@ def get_parser():
 def resolve(args, world_size):
     """Check the flags together and derive everything the run needs, in one visible place. Returns a dict;
     args itself is never modified. Raises ValueError with a one-line message naming the flag."""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "demo"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     preset = swinv2.PRESETS[args.model]
     r["img_size"] = args.img_size if args.img_size is not None else preset.get("img_size", 192)
@@ -230,9 +232,10 @@ def estimate_val_loss(model, loader, device, ctx):
     number whatever the world size or micro-batch."""
     model.eval()
     err, count = 0.0, 0.0
-    for x, _, _, _, mask in loader:
+    for batch in loader:
+        x = data.normalize(batch.image.to(device, non_blocking=True))
         with ctx:
-            e, n = model.errors(data.normalize(x.to(device, non_blocking=True)), mask.to(device, non_blocking=True))
+            e, n = model.errors(x, batch.mask.to(device, non_blocking=True))
         err, count = err + e.item(), count + n.item() * x.shape[1]
     model.train()
     err, count = train.all_sum(err, count, device=device)
@@ -250,9 +253,8 @@ def save_pictures(path, model, val_set, device, step, n=4):
     from PIL import Image, ImageDraw
 
     model.eval()
-    items = [val_set[i] for i in range(n)]
-    x = data.normalize(torch.stack([it[0] for it in items]).to(device))
-    mask = torch.stack([it[4] for it in items]).to(device)
+    batch = data.collate([val_set[i] for i in range(n)])
+    x, mask = data.normalize(batch.image.to(device)), batch.mask.to(device)
     pred = model.predict(x, mask).float()
     if model.norm_target:
         mean = local_mean(x, model.norm_target)
@@ -278,121 +280,128 @@ def save_pictures(path, model, val_set, device, step, n=4):
 # the script
 
 
+def eval_only(run, model, args, val_loader, device, ctx, master):
+    """--eval_only: the validation loss of the run directory's checkpoint, written to eval.json. A
+    measurement: no lock is taken and nothing else is written."""
+    ckpt = train.load_for_eval(run.ckpt, model, model.encoder, args.model, master)
+    val_loss = estimate_val_loss(model, val_loader, device, ctx)
+    images = len(val_loader.dataset)
+    print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {images} images")
+    if master:
+        train.save_json(run.file("eval.json"), dict(step=ckpt["step"], val_loss=val_loss, val_images=images))
+    return val_loss
+
+
 def main(argv=None):
-    # ---- set-up: flags, data, processes (every bad flag is refused before any work starts)
+    # ---- flags and data: every bad flag or path is refused in one line, before any work starts
     args = get_parser().parse_args(argv)
     train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        train_set, val_set = train.open_splits(args.data, args.val_data)
+        train_set, val_set = data.open_splits(args.data, args.val_data)
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}" + ("; for the CPU demo use --data synthetic" if args.data == "data/imagenet" else ""))
-    return train.launch(r["out_dir"], pretrain, args, r, train_set, val_set, subset)
-
-
-def pretrain(args, r, train_set, val_set, subset, run, device, rank, world):
-    master = rank == 0
-    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
     n_train, B = len(subset), r["batch_size"]
-    r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
-    print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, window {r['window']}, mask {r['mask_patch']} px x {args.mask_ratio}")
-    print0(f"{'data':>14} {args.data}: {n_train} of {len(train_set)} images (frac {args.frac:g}), {r['iters'] * B / n_train:.1f} epochs")
-    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
-    print0(f"{'LR':>14} {r['lr']:g} per 512 -> {r['peak_lr']:.3g}, warmup {r['warmup_iters']} steps from {r['start_lr']:.3g}, "
-           f"x0.1 from step {r['milestone']} of {r['iters']}")
-
-    # ---- data: the subset, the training stream, fixed validation images; masks are made in the workers
     subset_hash = data.subset_hash(train_set.names, subset)
-    masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio)
-    val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])  # fixed, whatever the run
-    val_stream = data.EvalSet(val_set, val_idx, data.val_transform(r["img_size"]), extra=masks)  # image i: mask seed i
-    val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world), workers=workers)
+    # the training stream: sample p is an augmented image and its mask, both pure functions of (seed, p)
+    masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio, seed=args.seed)
+    stream = data.TrainStream(train_set, subset, data.pretrain_transform(r["img_size"]), args.seed, masks=masks)
+    # the validation images: a fixed set whatever the run, deterministic views, image i always with mask i
+    val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])
+    val_masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio, seed=0)
+    val_stream = data.EvalSet(val_set, val_idx, data.val_transform(r["img_size"]), masks=val_masks)
+    r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
 
-    # ---- model and optimizer
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    encoder = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"], drop_path_rate=args.drop_path,
-                            grad_ckpt=args.grad_ckpt)
-    model = raw_model = SimMIM(encoder, r["norm_target"]).to(device)
-    # Official quirk, kept: its no-decay keywords get an `encoder.` prefix and never match, so the
-    # pre-training decays logit_scale and the cpb_mlp weights. Only 1-D params, biases and the mask
-    # token are exempt. (Fine-tuning exempts cpb_mlp and logit_scale too.)
-    optimizer = train.adamw(train.param_groups(model, args.weight_decay), r["peak_lr"])
-    print0(f"{'parameters':>14} {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder, "
-           f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M decoder")
-    identity = train.identity_of(args, r, FREE, data_train_images=len(train_set), data_subset_hash=subset_hash,
-                           data_val_images=len(val_stream), dtype=str(dtype))
+    # ---- processes and the run directory (let go however this block ends)
+    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+        master = rank == 0
+        dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
+        print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, window {r['window']}, "
+               f"mask {r['mask_patch']} px x {args.mask_ratio}")
+        print0(f"{'data':>14} {args.data}: {n_train} of {len(train_set)} images (frac {args.frac:g}), "
+               f"{r['iters'] * B / n_train:.1f} epochs")
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'LR':>14} {r['lr']:g} per 512 -> {r['peak_lr']:.3g}, warmup {r['warmup_iters']} steps from "
+               f"{r['start_lr']:.3g}, x0.1 from step {r['milestone']} of {r['iters']}")
+        val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world),
+                                      workers=workers)
 
-    if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
-        ckpt = train.load_for_eval(run.ckpt, raw_model, encoder, args.model, master)
-        val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
-        print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {len(val_stream)} images")
+        # ---- model and optimizer
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        encoder = swinv2.create(args.model, img_size=r["img_size"], window_size=r["window"],
+                                drop_path_rate=args.drop_path, grad_ckpt=args.grad_ckpt)
+        model = raw_model = SimMIM(encoder, r["norm_target"]).to(device)
+        # Official quirk, kept: its no-decay keywords get an `encoder.` prefix and never match, so the
+        # pre-training decays logit_scale and the cpb_mlp weights. Only 1-D params, biases and the mask
+        # token are exempt. (Fine-tuning exempts cpb_mlp and logit_scale too.)
+        optimizer = train.adamw(train.param_groups(model, args.weight_decay), r["peak_lr"])
+        print0(f"{'parameters':>14} {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder, "
+               f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M decoder")
+        if args.eval_only:
+            return eval_only(run, raw_model, args, val_loader, device, ctx, master)
+
+        # ---- the run directory: lock, resume (another run's checkpoint is refused)
+        identity = train.identity_of(args, r, FREE, data_train_images=len(train_set), data_subset_hash=subset_hash,
+                                     data_val_images=len(val_stream), dtype=str(dtype))
+        state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+        if done:
+            return done["val_loss"]
         if master:
-            train.save_json(run.file("eval.json"), dict(step=ckpt["step"], val_loss=val_loss, val_images=len(val_stream)))
-        return val_loss
+            data.write_manifest(run.file("subset.txt"), train_set.names, subset)
+            train.save_json(run.file("args.json"), dict(vars(args), identity=identity, world_size=world,
+                                                        micro_batch=r["micro_batch"], accum=r["accum"],
+                                                        peak_lr=r["peak_lr"], warmup_iters=r["warmup_iters"],
+                                                        milestone=r["milestone"], torch=str(torch.__version__)))
 
-    # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
-    if done:
-        return done["val_loss"]
-    if master:
-        data.write_manifest(run.file("subset.txt"), train_set.names, subset)
-        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, world_size=world, micro_batch=r["micro_batch"],
-                                              accum=r["accum"], peak_lr=r["peak_lr"], warmup_iters=r["warmup_iters"],
-                                              milestone=r["milestone"], torch=str(torch.__version__)))
+        # ---- the loop: train.loop runs the steps; a step's forward is loss_fn, an evaluation is evaluate
+        sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
+        batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
+        if args.compile:
+            model = torch.compile(model)
+        if world > 1:
+            model = train.ddp(model, device)
 
-    # ---- the loop
-    stream = data.TrainStream(train_set, subset, data.pretrain_transform(r["img_size"]), args.seed,
-                              extra=functools.partial(stream_mask, masks, args.seed))
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
-    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = train.ddp(model, device)
+        def loss_fn(batch):
+            x, mask = data.normalize(batch.image.to(device, non_blocking=True)), batch.mask.to(device, non_blocking=True)
+            with ctx:
+                return model(x, mask), {}
 
-    def loss_fn(batch):
-        x, _, _, _, mask = batch
-        with ctx:
-            return model(data.normalize(x.to(device, non_blocking=True)), mask.to(device, non_blocking=True)), {}
+        # the validation losses so far (rank 0 keeps the log; a resumed run reads them back from it)
+        history = [row["val_loss"] for _, row in run.rows() if "val_loss" in row] if master else []
 
-    # the validation losses so far (rank 0 keeps the log; a resumed run reads them back from it)
-    history = [row["val_loss"] for _, row in run.rows() if "val_loss" in row] if master else []
-
-    def evaluate(step):
-        val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
-        if not master:
+        def evaluate(step):
+            val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
+            if not master:
+                return dict(val_loss=val_loss)
+            tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
+            save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
+            history.append(val_loss)
+            if overfitting(history):  # the paper's sign (sec. 4): more steps make a small subset's held-out loss worse
+                tqdm.write(f"warning: val_loss rose at two evaluations in a row "
+                           f"({' -> '.join(f'{v:.4f}' for v in history[-3:])}): "
+                           f"SwinV2-{args.model} may be overfitting its {n_train} images")
+                return dict(val_loss=val_loss, overfitting=True)
             return dict(val_loss=val_loss)
-        tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
-        save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
-        history.append(val_loss)
-        if overfitting(history):  # the paper's sign (sec. 4): more steps make a small subset's held-out loss worse
-            tqdm.write(f"warning: val_loss rose at two evaluations in a row ({' -> '.join(f'{v:.4f}' for v in history[-3:])}): "
-                       f"SwinV2-{args.model} may be overfitting its {n_train} images")
-            return dict(val_loss=val_loss, overfitting=True)
-        return dict(val_loss=val_loss)
 
-    lr_at = lambda step, scale: scale * train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
-    meta = lambda metrics: dict(identity=identity, args=vars(args), model_config=swinv2.model_config(encoder),
-                                subset=dict(size=n_train, hash=subset_hash), val_loss=metrics.get("val_loss"))
-    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
-               loss_fn=loss_fn, lr_at=lr_at, evaluate=evaluate, meta=meta)
+        def lr_at(step, scale):
+            return scale * train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
 
-    # ---- the summary, from the log (which a resume keeps identical to an uninterrupted run's)
-    if not master:
-        return None
-    rows = [row for _, row in run.rows()]
-    last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
-    summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
-                   iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
-                   train_loss=last("train_loss"), val_loss=last("val_loss"), **run.counters())
-    train.save_json(run.file("summary.json"), summary)
-    return summary["val_loss"]
+        keep = dict(identity=identity, args=vars(args), model_config=swinv2.model_config(encoder),
+                    subset=dict(size=n_train, hash=subset_hash), val_loss=None)
+        train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream,
+                   batches=batches, loss_fn=loss_fn, lr_at=lr_at, evaluate=evaluate, keep=keep)
 
-
-def stream_mask(masks, seed, pos):
-    """The mask of training stream position pos (a picklable function, for the data-loader workers)."""
-    return masks(seed * 2**40 + pos)
+        # ---- the summary, from the log (which a resume keeps identical to an uninterrupted run's)
+        if not master:
+            return None
+        rows = [row for _, row in run.rows()]
+        last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
+        summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
+                       iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
+                       train_loss=last("train_loss"), val_loss=last("val_loss"), **run.counters())
+        train.save_json(run.file("summary.json"), summary)
+        return summary["val_loss"]
 
 
 if __name__ == "__main__":

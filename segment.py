@@ -31,6 +31,7 @@ from tqdm import tqdm
 import data
 import finetune
 import swinv2
+import synthetic
 import train
 from train import print0
 
@@ -235,7 +236,7 @@ class SyntheticScenes:
     num_classes = 11
 
     def __init__(self, split, n):
-        self.images = data.SyntheticImages(split, n)
+        self.images = synthetic.SyntheticImages(split, n)
         self.root, self.names = "synthetic", self.images.names
 
     def __len__(self):
@@ -246,7 +247,7 @@ class SyntheticScenes:
 
     def open(self, i):
         img, label, objects = self.images.scene(i)
-        labels = np.zeros((data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE), np.uint8)
+        labels = np.zeros((synthetic.SIZE, synthetic.SIZE), np.uint8)
         for cls, visible in objects:  # the masks are of visible pixels: they do not overlap
             labels[visible] = cls + 1
         return LabelledImage(img, labels, num_classes=self.num_classes), label
@@ -257,7 +258,7 @@ def open_splits(path):
     if path == "synthetic" or path.startswith("synthetic:"):
         data.open_dataset(path)  # validates the name
         n = path.partition(":")[2]
-        return SyntheticScenes("train", int(n or data.SYNTHETIC_TRAIN)), SyntheticScenes("val", data.SYNTHETIC_VAL)
+        return SyntheticScenes("train", int(n or synthetic.TRAIN_IMAGES)), SyntheticScenes("val", synthetic.VAL_IMAGES)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--data {path} is not an existing ADEChallengeData2016 folder nor 'synthetic[:N]'")
     return ADE20K(path, "train"), ADE20K(path, "val")
@@ -413,9 +414,11 @@ def evaluate(model, loader, num_classes, crop, stride, batch, device, ctx):
     so the numbers are exact and the same for any world size."""
     model.eval()
     areas, n = torch.zeros(3, num_classes, dtype=torch.float64), 0
-    for (x, y), _, index, bad in loader:  # x (1, 3, h, w) resized for the model, y (1, H, W) original labels
-        if bad.item():  # data.EvalSet replaced it by the next readable image: say which, and why
-            tqdm.write(f"unreadable evaluation image {data.failure(loader.dataset.dataset, index.item())}: scored the next one instead")
+    for one in loader:  # one image per batch
+        x, y = one.image, one.target  # (1, 3, h, w) resized for the model, (1, H, W) original labels
+        if one.bad.item():  # data.EvalSet replaced it by the next readable image: say which, and why
+            tqdm.write(f"unreadable evaluation image {data.failure(loader.dataset.dataset, one.pos.item())}: "
+                       f"scored the next one instead")
         with ctx:
             logits = slide_logits(lambda w: predict(model, w), x[0].to(device, non_blocking=True), crop, stride, batch)
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()  # (H, W), the logits resized to the original size
@@ -443,7 +446,8 @@ def save_pictures(path, model, val_stream, num_classes, crop, stride, device, ct
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     rows = []
     for i in range(min(n, len(val_stream))):
-        (x, y), _, _, _ = val_stream[i]
+        item = val_stream[i]
+        x, y = item.image, item.target
         with ctx:
             logits = slide_logits(lambda w: predict(model, w), x.to(device), crop, stride)
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()
@@ -553,7 +557,7 @@ def get_parser():
 RECIPES = {
     "paper": dict(iters=160000, warmup_iters=1500, batch_size=16, lr=4e-5, crop=512, window=16, scale=(2048, 512),
                   channels=512, drop_path=0.3, layer_decay=0.95, eval_every=16000, log_every=50, save_every=1000),
-    "cpu": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale=(384, 96),
+    "demo": dict(iters=1000, warmup_iters=50, batch_size=16, lr=4e-3, crop=64, window=4, scale=(384, 96),
                 channels=64, drop_path=0.1, layer_decay=1.0, eval_every=500, log_every=10, save_every=100),
 }
 FREE = train.FREE | {"allow_unfinished", "val_images", "stride"}  # how the evaluation looks, not what training computes
@@ -562,7 +566,7 @@ FREE = train.FREE | {"allow_unfinished", "val_images", "stride"}  # how the eval
 def resolve(args, world_size):
     """Check the flags together and derive the run's numbers in one visible place; args is never modified.
     Raises ValueError with a one-line message naming the flag."""
-    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "cpu"]
+    recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "demo"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
     if args.warmup_iters is None:  # a short run needs no restated schedule: at most a quarter of it warms up
         r["warmup_iters"] = min(r["warmup_iters"], r["iters"] // 4)
@@ -591,8 +595,18 @@ def resolve(args, world_size):
 # the script
 
 
+def eval_only(run, model, score, K, model_name, master):
+    """--eval_only: mIoU and pixel accuracy of the run directory's checkpoint, written to eval.json. A
+    measurement: no lock is taken and nothing else is written but its picture."""
+    ckpt = train.load_for_eval(run.ckpt, model, model.encoder, model_name, master, classes=K)
+    metrics = score(ckpt["step"])
+    if master:
+        train.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
+    return metrics
+
+
 def main(argv=None):
-    # ---- set-up: flags, checkpoint, data, processes (every bad flag, path or file is refused before any work)
+    # ---- flags, checkpoint, data: every bad flag, path or file is refused in one line, before any work
     args = get_parser().parse_args(argv)
     train.warn_cpu(args.model)
     try:
@@ -603,98 +617,99 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     del ckpt  # the encoder is in the model now
-    return train.launch(r["out_dir"], segment, args, r, model, missing, pretrained, train_set, val_set)
-
-
-def segment(args, r, model, missing, pretrained, train_set, val_set, run, device, rank, world):
-    master, K, N, B = rank == 0, train_set.num_classes, len(train_set), r["batch_size"]
-    dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
+    K, N, B, p = train_set.num_classes, len(train_set), r["batch_size"], pretrained
     r["epoch_steps"] = N / B  # log rows show epochs, a derived figure
-    p = pretrained
-    print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
-           f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
-    finetune.print_pretrained(p, sorted({k.rsplit('.', 2)[0] for k in missing} | {'decode_head', 'aux_head'}))
-    print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation"
-           f"{', SyncBatchNorm' if world > 1 and device.type == 'cuda' else ''}")
-    print0(f"{'schedule':>14} {r['iters']} steps ({r['iters'] / r['epoch_steps']:.1f} epochs of {N} images, task {r['task']}), "
-           f"warmup {r['warmup_iters']}; rescale {r['scale'][0]}x{r['scale'][1]} x 0.5-2, crop {r['crop']}")
-    print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), linear to 0")
-
-    # ---- data: fixed evaluation images, one per batch (sizes differ), sharded over ranks
+    # fixed evaluation images, one per batch (sizes differ); the training stream of random crops
     val_idx = np.arange(len(val_set))
     if 0 < args.val_images < len(val_set):
         val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[:args.val_images])
     val_stream = data.EvalSet(val_set, val_idx, EvalTransform(r["scale"]))
-    val_loader = data.make_loader(val_stream, 1, sampler=data.shard(len(val_stream), rank, world), workers=workers)
-    print0(f"{'evaluation':>14} {len(val_stream)} images, resized into {r['scale'][0]}x{r['scale'][1]}, "
-           f"{r['crop']} px windows every {r['stride']} px, scored at the original size")
-
-    # ---- model and optimizer: BatchNorm statistics over all GPUs (SyncBatchNorm runs on GPUs only)
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = raw_model = model.to(device)
-    optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
-    origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
-    identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K, dtype=str(dtype))
-
-    def score(step):
-        if world > 1:  # every rank scores with rank 0's BatchNorm statistics, the checkpoint's (SyncBN keeps them equal;
-            for m in raw_model.modules():  # on CPUs each process has its own)
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    for b in m.buffers():
-                        dist.broadcast(b, 0)
-        miou, acc, n = evaluate(raw_model, val_loader, K, r["crop"], r["stride"], EVAL_WINDOWS, device, ctx)
-        if master:
-            tqdm.write(f"step {step}: mIoU {miou:.2f} %, pixel accuracy {acc:.2f} % on {n} images")
-            save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_stream, K, r["crop"], r["stride"], device, ctx, step)
-        return dict(miou=miou, pixel_acc=acc, images=n)  # images: as scored over all ranks, each once
-
-    if args.eval_only:  # a measurement of a checkpoint: no lock, nothing written but eval.json
-        ckpt = train.load_for_eval(run.ckpt, raw_model, raw_model.encoder, args.model, master, classes=K)
-        metrics = score(ckpt["step"])
-        if master:
-            train.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
-        return metrics
-
-    # ---- the run directory: lock, resume (another run's checkpoint is refused)
-    state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
-    if done:
-        return done["metrics"]
-    if master:
-        train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained, world_size=world,
-                                                  micro_batch=r["micro_batch"], accum=r["accum"], task=r["task"], iters=r["iters"],
-                                                  stride=r["stride"], classes=K, torch=str(torch.__version__)))
-
-    # ---- the loop: train.loop, with the segmentation loss and the sliding-window mIoU
     stream = data.TrainStream(train_set, np.arange(N), TrainTransform(r["crop"], r["scale"]), args.seed)
-    sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
-    batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = train.ddp(model, device)
 
-    def loss_fn(batch):
-        x, y = (t.to(device, non_blocking=True) for t in batch[0])  # (B, 3, crop, crop) normalised, (B, crop, crop)
-        with ctx:
-            logits, aux = model(x)
-        loss, main_term, aux_term = seg_loss(logits, aux, y)
-        return loss, dict(decode_loss=main_term, aux_loss=aux_term)
+    # ---- processes and the run directory (let go however this block ends)
+    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+        master = rank == 0
+        dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
+        print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
+               f"{model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
+        finetune.print_pretrained(p, sorted({k.rsplit('.', 2)[0] for k in missing} | {'decode_head', 'aux_head'}))
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} "
+               f"accumulation{', SyncBatchNorm' if world > 1 and device.type == 'cuda' else ''}")
+        print0(f"{'schedule':>14} {r['iters']} steps ({r['iters'] / r['epoch_steps']:.1f} epochs of {N} images, task "
+               f"{r['task']}), warmup {r['warmup_iters']}; rescale {r['scale'][0]}x{r['scale'][1]} x 0.5-2, "
+               f"crop {r['crop']}")
+        print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
+               f"linear to 0")
+        val_loader = data.make_loader(val_stream, 1, sampler=data.shard(len(val_stream), rank, world), workers=workers)
+        print0(f"{'evaluation':>14} {len(val_stream)} images, resized into {r['scale'][0]}x{r['scale'][1]}, "
+               f"{r['crop']} px windows every {r['stride']} px, scored at the original size")
 
-    meta = lambda metrics: dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model.encoder))
-    train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream, batches=batches,
-               loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r), evaluate=score, meta=meta)
+        # ---- model and optimizer: BatchNorm statistics over all GPUs (SyncBatchNorm runs on GPUs only)
+        if world > 1 and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = raw_model = model.to(device)
+        optimizer = train.adamw(finetune.param_groups(model, args.weight_decay, r["layer_decay"]), r["peak_lr"])
 
-    # ---- the summary, from the log: the last evaluation (the 160K checkpoint is what mmseg reports)
-    if not master:
-        return {}
-    rows = [row for _, row in run.rows()]
-    evals = [row for row in rows if "miou" in row]
-    summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data, pretrained=pretrained,
-                   metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]), val_images=len(val_stream),
-                   **run.counters())
-    train.save_json(run.file("summary.json"), summary)
-    return summary["metrics"]
+        def score(step):  # an evaluation (every rank); rank 0 prints and draws
+            if world > 1:  # every rank scores with rank 0's BatchNorm statistics, the checkpoint's (SyncBatchNorm
+                for m in raw_model.modules():  # keeps them equal; on CPUs each process has its own)
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        for b in m.buffers():
+                            dist.broadcast(b, 0)
+            miou, acc, n = evaluate(raw_model, val_loader, K, r["crop"], r["stride"], EVAL_WINDOWS, device, ctx)
+            if master:
+                tqdm.write(f"step {step}: mIoU {miou:.2f} %, pixel accuracy {acc:.2f} % on {n} images")
+                save_pictures(run.file(f"pred_{step:07d}.png"), raw_model, val_stream, K, r["crop"], r["stride"],
+                              device, ctx, step)
+            return dict(miou=miou, pixel_acc=acc, images=n)  # images: as scored over all ranks, each once
+
+        if args.eval_only:
+            return eval_only(run, raw_model, score, K, args.model, master)
+
+        # ---- the run directory: lock, resume (another run's checkpoint is refused)
+        origin = f"{os.path.basename(p['run_dir'] or p['path'] or 'none')} step {p['step']}"  # what it starts from
+        identity = train.identity_of(args, r, FREE, pretrained=origin, data_train_images=N, data_classes=K,
+                                     dtype=str(dtype))
+        state, done = run.start(identity, raw_model, optimizer, master, r["iters"])
+        if done:
+            return done["metrics"]
+        if master:
+            train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
+                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
+                                                        task=r["task"], iters=r["iters"], stride=r["stride"], classes=K,
+                                                        torch=str(torch.__version__)))
+
+        # ---- the loop: train.loop runs the steps, with the segmentation loss and the sliding-window mIoU
+        sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])
+        batches = iter(data.make_loader(stream, r["micro_batch"], sampler=sampler, workers=workers))
+        if args.compile:
+            model = torch.compile(model)
+        if world > 1:
+            model = train.ddp(model, device)
+
+        def loss_fn(batch):
+            x = batch.image.to(device, non_blocking=True)  # (B, 3, crop, crop), normalised
+            y = batch.target.to(device, non_blocking=True)  # (B, crop, crop) labels
+            with ctx:
+                logits, aux = model(x)
+            loss, main_term, aux_term = seg_loss(logits, aux, y)
+            return loss, dict(decode_loss=main_term, aux_loss=aux_term)
+
+        keep = dict(identity=identity, args=vars(args), pretrained=pretrained,
+                    model_config=swinv2.model_config(raw_model.encoder))
+        train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream,
+                   batches=batches, loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r),
+                   evaluate=score, keep=keep)
+
+        # ---- the summary, from the log: the last evaluation (the 160K checkpoint is what mmseg reports)
+        if not master:
+            return {}
+        evals = [row for _, row in run.rows() if "miou" in row]
+        summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data,
+                       pretrained=pretrained, metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]),
+                       val_images=len(val_stream), **run.counters())
+        train.save_json(run.file("summary.json"), summary)
+        return summary["metrics"]
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ TASKS = {
     "synthetic": ("finetune.py", None, (), 2000, 10),
 }
 # Each script's default schedule (its RECIPES; the tests check this copy): epochs or iterations, global batch,
-# flag and value of the input size, window; "paper" for S..g, "cpu" for nano and tiny.
+# flag and value of the input size, window; "paper" for S..g, "demo" for nano and tiny.
 SCHEDULES = {
-    "mim.py": {"paper": ("--iters", 500000, 2048, "--img_size", 192, 12), "cpu": ("--iters", 150, 64, "--img_size", 64, 4)},
-    "finetune.py": {"paper": ("--epochs", 100, 2048, "--img_size", 224, 14), "cpu": ("--epochs", 3, 32, "--img_size", 64, 4)},
-    "detect.py": {"paper": ("--epochs", 36, 16, "--img_size", 1024, 16), "cpu": ("--epochs", 3, 8, "--img_size", 128, 4)},
-    "segment.py": {"paper": ("--iters", 160000, 16, "--crop", 512, 16), "cpu": ("--iters", 1000, 16, "--crop", 64, 4)},
+    "mim.py": {"paper": ("--iters", 500000, 2048, "--img_size", 192, 12), "demo": ("--iters", 150, 64, "--img_size", 64, 4)},
+    "finetune.py": {"paper": ("--epochs", 100, 2048, "--img_size", 224, 14), "demo": ("--epochs", 3, 32, "--img_size", 64, 4)},
+    "detect.py": {"paper": ("--epochs", 36, 16, "--img_size", 1024, 16), "demo": ("--epochs", 3, 8, "--img_size", 128, 4)},
+    "segment.py": {"paper": ("--iters", 160000, 16, "--crop", 512, 16), "demo": ("--iters", 1000, 16, "--crop", 64, 4)},
 }
 
 
@@ -203,7 +203,7 @@ def cost(job):
     """Images seen, epochs and training GFLOP per image of a job, from its own flags (so what is planned is
     what runs, with every --pretrain_args / --finetune_args override)."""
     f, m = job["flags"], job["model"]
-    unit, length, batch, size_flag, img, window = SCHEDULES[job["script"]]["paper" if m in PAPER_SIZES else "cpu"]
+    unit, length, batch, size_flag, img, window = SCHEDULES[job["script"]]["paper" if m in PAPER_SIZES else "demo"]
     if job["script"] == "mim.py":
         img, window = SIZES[m][3], SIZES[m][4]
     length, batch = int(flag(f, unit, length)), int(flag(f, "--batch_size", batch))

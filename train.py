@@ -1,20 +1,25 @@
 """
 The run every training script shares: not a script. mim.py (pre-training), finetune.py, detect.py and
-segment.py each define their model, data and recipe, and hand this file the rest: joining torchrun's
+segment.py each define their model, data and recipe, and use this file for the rest: joining torchrun's
 processes, the training loop, the run directory that makes a kill at any moment harmless, and the
 command-line types that refuse a bad flag before any work starts.
 
-Reading order: the argparse types; processes (torchrun, DDP, all-reduce of numbers); the device
-(bf16 autocast, workers); the optimizer (LR schedules, weight-decay groups, fused AdamW that skips a
-non-finite step on the device); files written atomically; the run directory (lock, identity, resume
-with the log cut back to the checkpoint); stop signals; the loop itself (`loop`); loading a
-checkpoint for --eval_only.
+A script's main() reads straight down:
 
-A script's main() resolves its flags, opens its data, and calls `launch(out_dir, body, ...)`; its body
-builds the model and optimizer, calls `run.start(...)` to resume, and `loop(run, r, state, device,
-model=..., loss_fn=..., evaluate=..., ...)` to train. Randomness is a pure function of (seed, step,
-sample position), so the same global batches come whatever the world size or accumulation, and a
-resumed run continues exactly where it stopped. Read mim.py first; read next: finetune.py.
+    with train.session(out_dir, args.dist_timeout) as (run, device, rank, world):
+        ... the model and optimizer ...
+        state, done = run.start(identity, raw_model, optimizer, master, iters)   # lock, resume
+        train.loop(run, r, state, device, model=..., loss_fn=..., evaluate=..., ...)
+
+Reading order: the session and the loop come first, because they are what a reader of a training script
+comes here for; the machinery follows in the order the loop meets it: what a log row gathers and stop
+signals; the optimizer (LR schedules, weight-decay groups, a fused AdamW that skips a non-finite step on
+the device); the run directory (atomic files, lock, identity, resume with the log cut back to the
+checkpoint); processes and the device; loading a checkpoint for --eval_only; the argparse types.
+
+Randomness is a pure function of (seed, step, sample position), so the same global batches come
+whatever the world size or accumulation, and a resumed run continues exactly where it stopped.
+Read mim.py first; read next: finetune.py.
 """
 import argparse
 import contextlib
@@ -41,177 +46,239 @@ import data
 import swinv2
 
 
-# -----------------------------------------------------------------------------
-# command line: argparse types that check each flag's own value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (argparse prints the whole usage first, and ours is long)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number(kind, lo, hi=None, lo_open=False, hi_open=False):
-    """An argparse type: a finite int or float in [lo, hi] (or open at either end), e.g.
-    number(float, 0, lo_open=True) for > 0. A bad value is refused naming the flag, value and range."""
-    want = (f"{'>' if lo_open else '>='} {lo:g}" if hi is None else
-            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'} {want}, got {text!r}") from None
-        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return v
-    return parse
-
-
-count, natural, positive, non_negative = number(int, 1), number(int, 0), number(float, 0, lo_open=True), number(float, 0)
-
-
-def model_name(text):
-    """--model: a preset name; the paper's letters in either case (b = B), but G is not g: SwinV2-G (3B) is
-    not a preset, the paper's giant is g."""
-    names = {k.lower(): k for k in swinv2.PRESETS}
-    if text in swinv2.PRESETS or text != "G" and text.lower() in names:
-        return names[text.lower()]
-    raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(swinv2.PRESETS)} "
-                                     "(the paper's giant is g; SwinV2-G, 3B, is not a preset)")
-
-
-def check_out_dir(path):
-    """Refuse an --out_dir that is a file or cannot be created, before anything is written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out_dir {path} is a file, not a folder")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out_dir {path}: {parent} is not writable")
-
-
-def batch_split(B, micro_batch, world_size):
-    """(micro-batch, accumulation steps) for a global batch B: the micro-batch defaults to B / world size."""
-    mb = micro_batch or B // world_size
-    if mb == 0 or B % (mb * world_size):
-        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {mb} x {world_size} processes")
-    return mb, B // (mb * world_size)
-
-
-# Flags that never change what a run computes: free to change when a run resumes (see RunDir.resume).
-# Each script adds its own (e.g. its evaluation subset) and passes the set to identity_of.
-FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir", "eval_only",
-        "dist_timeout", "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
-
-
-def identity_of(args, r, free, **content):
-    """What a run computes: every flag not in `free` (the script's FREE), at its resolved value, plus the
-    data's content (`content`: sizes and hashes). A checkpoint with another identity belongs to another run."""
-    flags = {k: r.get(k, v) for k, v in vars(args).items() if k not in free}
-    return dict(flags, **content)
 
 # -----------------------------------------------------------------------------
-# processes: torchrun, DDP, numbers summed over ranks
+# the session and the loop
 
 
-def open_splits(data_path, val_path=None):
-    """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
-    --data's val split (val/ or val*.json); a path without one is refused, since its 'val' would be the
-    training set."""
-    train_set = data.open_dataset(data_path, "train")
-    if val_path is None and not data_path.startswith("synthetic") and data.split_path(data_path, "val") is None:
-        raise ValueError(f"--data {data_path} has no val/ folder or val*.json: pass held-out images with --val_data")
-    return train_set, data.open_dataset(val_path or data_path, "val")
+@contextlib.contextmanager
+def session(out_dir, timeout_min=60):
+    """Join torchrun's processes and open the run directory, for the `with` block of a script's main:
 
+        with train.session(out_dir, args.dist_timeout) as (run, device, rank, world):
 
-def setup_distributed(timeout_min=60):
-    """The torchrun contract: RANK, LOCAL_RANK, WORLD_SIZE in the environment, else one process.
-    timeout_min bounds every collective: the other ranks wait that long while rank 0 alone works (COCO's
-    evaluation of 5,000 images; NCCL's own default, 10 minutes, is too short). Returns (rank, local_rank,
-    world_size, device)."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
-    return rank, local_rank, world, device
-
-
-def launch(out_dir, body, args, *a):
-    """Every script's last step: join torchrun's processes (args.dist_timeout), take the run directory, and
-    return body(args, *a, run, device, rank, world). The directory's lock and the process group are let go
-    however body ends (an error, a signal, sys.exit), so a rerun or the next test finds them free."""
-    rank, _, world, device = setup_distributed(args.dist_timeout)
+    However the block ends (it returns, raises, or a signal ends it through sys.exit), the directory's
+    lock and the process group are let go, so a rerun or the next test finds them free. timeout_min
+    bounds every collective (see setup_distributed)."""
+    rank, _, world, device = setup_distributed(timeout_min)
     run = RunDir(out_dir, rank == 0)
     try:
-        return body(args, *a, run, device, rank, world)
+        yield run, device, rank, world
     finally:
         run.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
+def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches, loss_fn, lr_at, evaluate, keep):
+    """The training loop of every script. Per optimizer step: set each group's LR; run r['accum']
+    micro-batches, gradients summed (DDP all-reduces them on the last one only); step, or skip a step
+    whose gradient is not finite. Then the boundary: a log row every r['log_every'] steps, an evaluation
+    every r['eval_every'] and at the end, a checkpoint every r['save_every'] and at the end, and a stop
+    if SIGTERM/Ctrl-C came.
+
+    A stop is honoured before an evaluation starts (torchrun and SLURM allow ~30 s after SIGTERM; a
+    50K-image validation does not fit), and the last step's checkpoint is written before the final
+    evaluation, so a kill there loses no training. An evaluation skipped that way is due: a resumed run
+    makes it first, so its log equals an uninterrupted run's.
+
+    loss_fn(batch) -> (loss, {name: term}) runs the forward of one micro-batch (a data.Item of batched
+    fields); lr_at(step, scale) is the LR of a parameter group with that lr_scale; evaluate(step) ->
+    {metric: value}, on every rank. A checkpoint holds the weights, the optimizer, the loop's state, the
+    script's `keep` (identity, args, model_config, ...) and the latest evaluation's metrics, under
+    `metrics` and each at the top level too (mim.py's val_loss). `state` is RunDir.start's.
+    Randomness: data.py's stream fixes the data of each step; drop path (and mixing) are seeded by (seed,
+    step, micro-batch)."""
+    master, world = run.master, dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tally, stop = Tally(state, stream, world), StopSignal()
+    at = dict(metrics=state.get("metrics", {}), evaluated=state.get("evaluated", state["step"]))  # the last evaluation
+    bar = tqdm(total=r["iters"], initial=state["step"], disable=not master, dynamic_ncols=True)
+    due = lambda done: done % r["eval_every"] == 0 or done == r["iters"]
+
+    def save(done):
+        """The checkpoint of step `done`, unless non-finite steps are open: a rerun must meet them from their start."""
+        tally.settle(device)
+        if tally.streak:
+            bar.write(f"step {done}: not saved, the last {tally.streak} steps were not finite", file=sys.stderr)
+            if done == r["iters"]:
+                fail(f"the last {tally.streak} steps were not finite: the final checkpoint was not written", master)
+            return
+        run.save(raw_model, optimizer, done, loop=dict(tally.state(), evaluated=at["evaluated"]), metrics=at["metrics"],
+                 **dict(keep, **at["metrics"]))
+
+    def measure(done):
+        at["metrics"], at["evaluated"] = evaluate(done), done
+        run.log(step=done, **at["metrics"])
+
+    try:
+        if state["step"] and at["evaluated"] != state["step"] and due(state["step"]):  # stopped before this evaluation
+            measure(state["step"])
+            save(state["step"])
+        for step in range(state["step"], r["iters"]):
+            # ---- the step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, group["lr_scale"])
+            losses = []
+            for micro in range(r["accum"]):
+                t = time.time()
+                batch = next(batches)  # a data.Item of batched fields
+                tally.wait += time.time() - t
+                tally.note_bad(batch.pos, batch.bad)
+                torch.manual_seed(micro_seed(r["seed"], step, micro * world + rank))
+                with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
+                    loss, terms = loss_fn(batch)
+                    # gradients add up over micro-steps: divide so that their sum is the mean over the global batch
+                    (loss / r["accum"]).backward()
+                losses.append(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float())
+            taken, norm = optimizer_step(raw_model, optimizer, r["clip_grad"])
+            mean = torch.stack(losses).mean(0)  # (1 + terms,): the step's losses
+            tally.add(mean[0], dict(zip(terms, mean[1:])), taken, norm)
+            done, last = step + 1, step + 1 == r["iters"]
+            bar.update()
+
+            # ---- the boundary: log, stop, evaluate, save (the loop's only host syncs)
+            if done % r["log_every"] == 0 or last:
+                row = tally.row(done, done / r["epoch_steps"], lr_at(step, 1.0), r["batch_size"], device)
+                run.log(**row)
+                bar.set_postfix(loss=f"{row['train_loss'] or math.nan:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+            if tally.streak >= MAX_NON_FINITE:
+                fail(f"{tally.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: the "
+                     f"weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a rerun "
+                     f"repeats the same steps. Lower --lr, or look at the data", master)
+            signum = stop.requested()
+            if signum or last:  # the weights are safe before an evaluation starts; a stop does not wait for it
+                save(done)
+            if signum:
+                bar.write(f"stopped at step {done}; run the same command again to resume", file=sys.stderr)
+                sys.exit(128 + signum)  # not 0: `mim.py ... && finetune.py ...` and SLURM's afterok stop here
+            if due(done):
+                measure(done)
+            if done % r["save_every"] == 0 or last:
+                save(done)
+    finally:
+        bar.close()
+        stop.restore()
 
 
-def all_sum(*values, device):
-    """Sum numbers over all processes (every rank must call this). Returns floats."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
-
-def fail(message, master):
-    """End this process with one line (printed by rank 0; the other ranks found the same error)."""
-    sys.exit(f"error: {message}" if master else 1)
-
-
-def agree(error, master):
-    """Every rank ends if rank 0 found an error (for checks only rank 0 makes, such as the lock)."""
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        fail(error, master)
 
 # -----------------------------------------------------------------------------
-# the device and the optimizer
+# what the loop needs: a log row's gathering, stop signals, seeds
 
 
-def amp_dtype(device, flag):
-    """--dtype: auto = bf16 autocast on CUDA (no loss scaler needed, unlike the official fp16), fp32 on CPU."""
-    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-            "float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
+class StopSignal:
+    """SIGTERM (preemption) or Ctrl-C (SIGINT) asks the run to stop: the loop saves a checkpoint at the end
+    of the step and exits 128 + the signal (143 after SIGTERM, 130 after Ctrl-C, as a shell expects: a run that
+    did not reach its end is not a success, so chained commands and SLURM dependencies stop). A second Ctrl-C stops at
+    once; a second SIGTERM changes nothing (schedulers often send one to every process of a job, and
+    torchrun forwards its own). Every rank must stop at the same step, so `requested()` all-reduces the
+    flags: a CPU tensor on a gloo group, which waits for the other processes but never for the GPU."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        nccl = dist.is_initialized() and dist.get_backend() != "gloo"
+        self.group = dist.new_group(backend="gloo") if nccl else None
+
+    def handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping"
+                  f"{' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            print("\nCtrl-C again: stopped at once; the last checkpoint stays", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    def requested(self):
+        flag = torch.tensor([self.signum or 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+def micro_seed(seed, step, chunk):
+    """Seed of drop path (and fine-tuning's mixing) for micro-batch `chunk` (= micro-step * world + rank)."""
+    return (seed * 1_000_003 + step) * 4096 + chunk
 
 
-def warn_cpu(model):
-    """One line before any work when a paper-sized model will run on a CPU: minutes per step, not a hang."""
-    if model in swinv2.PAPER_SIZES and not torch.cuda.is_available():
-        print0(f"warning: SwinV2-{model} on a CPU takes minutes per step (no GPU found); the CPU sizes are nano and tiny")
+MAX_NON_FINITE = 10  # non-finite steps in a row that stop a run: its gradients are broken, not one batch
 
 
-def device_setup(device, dtype_flag, workers):
-    """What the device decides, the same in every script: the autocast dtype and context, TF32 matmuls on
-    GPUs, and data-loader workers (8 per GPU by default; none on a CPU, where the main process computes)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = amp_dtype(device, dtype_flag)
-    return dtype, autocast(device, dtype), workers if workers is not None else 8 if device.type == "cuda" else 0
+class Tally:
+    """What the loop tallies between two log rows: each step's losses (averaged over ranks on the device:
+    no host sync per step) and whether the step was taken, the last gradient norm, unreadable images.
+    settle() brings it to the host at log and save boundaries. The checkpoint keeps it, so the first row
+    after a resume averages the same steps, to the bit, as an uninterrupted run's; the totals (skipped
+    steps, unreadable images and files) run over the whole run."""
+
+    def __init__(self, loop, stream, world):
+        self.steps = loop.get("steps", [])  # settled steps: [loss, *terms, taken]
+        self.skipped, self.streak = loop.get("skipped", 0), 0  # never saved with a streak open: it is 0
+        self.bad, self.bad_files = loop.get("bad", 0), set(loop.get("bad_files", []))
+        self.stream, self.world, self.names = stream, world, None
+        self.pending, self.my_bad, self.my_files, self.norm = [], 0, set(), None
+        self.timed, self.wait, self.t0 = 0, 0.0, time.time()
+
+    def add(self, losses, terms, taken, norm):
+        """One optimizer step: its losses (the mean over micro-steps), as a device tensor."""
+        self.names = list(terms)
+        v = torch.stack([losses.detach().float()] + [t.detach().float() for t in terms.values()])
+        if dist.is_initialized():
+            dist.all_reduce(v)  # each step on its own: a sum over ranks is then the same however many steps a row has
+            v = v / self.world
+        self.pending.append(torch.cat([v, taken.float().view(1)]))
+        self.norm, self.timed = norm, self.timed + 1
+
+    def note_bad(self, pos, bad):
+        """Unreadable files skipped for a micro-batch (from its items' positions and skip counts)."""
+        for p, n in zip(pos.tolist(), bad.tolist()):
+            if n:
+                self.my_bad += n
+                for i in self.stream.skipped(p, n):
+                    if i not in self.bad_files and i not in self.my_files:
+                        tqdm.write(f"unreadable image {data.failure(self.stream.dataset, i)}: replaced by another sample")
+                    self.my_files.add(i)
+
+    def settle(self, device):
+        """The host side of a boundary (every rank): the pending steps' values (one sync), the streak of
+        non-finite steps, and the unreadable images of all ranks."""
+        for s in torch.stack(self.pending).tolist() if self.pending else []:
+            self.steps.append(s)
+            self.streak = 0 if s[-1] else self.streak + 1
+            self.skipped += not s[-1]
+        self.pending = []
+        bad = int(all_sum(self.my_bad, device=device)[0])
+        if bad:  # rare: gather the names
+            files = [self.my_files] * self.world
+            if dist.is_initialized():
+                dist.all_gather_object(files, self.my_files)
+            self.bad, self.bad_files = self.bad + bad, self.bad_files.union(*files)
+        self.my_bad, self.my_files = 0, set()
+
+    def row(self, step, epoch, lr, batch_size, device):
+        """The log row of the steps since the last one, averaged over the steps taken."""
+        self.settle(device)
+        taken = [s for s in self.steps if s[-1]]
+        mean = lambda i: sum(s[i] for s in taken) / len(taken) if taken else None
+        dt, wait = time.time() - self.t0, all_sum(self.wait, device=device)[0] / self.world
+        row = dict(step=step, epoch=epoch, lr=lr, train_loss=mean(0), **{n: mean(i + 1) for i, n in enumerate(self.names)},
+                   grad_norm=float(self.norm), img_per_s=self.timed * batch_size / dt, data_wait=wait / dt,
+                   skipped_steps=self.skipped, bad_images=self.bad, bad_files=len(self.bad_files))
+        self.steps, self.timed, self.wait, self.t0 = [], 0, 0.0, time.time()
+        return row
+
+    def state(self):
+        return dict(steps=self.steps, skipped=self.skipped, bad=self.bad, bad_files=sorted(self.bad_files))
+
+
+
+# -----------------------------------------------------------------------------
+# the optimizer: LR schedules, weight-decay groups, a step that skips non-finite gradients, DDP
 
 
 def get_lr(step, peak_lr, start_lr, warmup_iters, iters, milestone=None, min_lr=0.0, schedule="step"):
@@ -271,6 +338,8 @@ def ddp(model, device):
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                **{sync: False})
+
+
 
 # -----------------------------------------------------------------------------
 # the run directory: files written whole, one run at a time, a log that resumes exactly
@@ -463,206 +532,99 @@ def vars_of(identity):
     """The keys of an identity that are flags (the others describe the data's content)."""
     return {k for k in identity if not k.startswith("data_")}
 
+
+
+# Flags that never change what a run computes: free to change when a run resumes (see RunDir.resume).
+# Each script adds its own (e.g. its evaluation subset) and passes the set to identity_of.
+FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir", "eval_only",
+        "dist_timeout", "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
+
+
+def identity_of(args, r, free, **content):
+    """What a run computes: every flag not in `free` (the script's FREE), at its resolved value, plus the
+    data's content (`content`: sizes and hashes). A checkpoint with another identity belongs to another run."""
+    flags = {k: r.get(k, v) for k, v in vars(args).items() if k not in free}
+    return dict(flags, **content)
+
+
+
 # -----------------------------------------------------------------------------
-# the loop: stop signals, what a log row gathers, the steps
+# processes and the device: torchrun, numbers summed over ranks, bf16 autocast, workers
 
 
-class StopSignal:
-    """SIGTERM (preemption) or Ctrl-C (SIGINT) asks the run to stop: the loop saves a checkpoint at the end
-    of the step and exits 128 + the signal (143 after SIGTERM, 130 after Ctrl-C, as a shell expects: a run that
-    did not reach its end is not a success, so chained commands and SLURM dependencies stop). A second Ctrl-C stops at
-    once; a second SIGTERM changes nothing (schedulers often send one to every process of a job, and
-    torchrun forwards its own). Every rank must stop at the same step, so `requested()` all-reduces the
-    flags: a CPU tensor on a gloo group, which waits for the other processes but never for the GPU."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        nccl = dist.is_initialized() and dist.get_backend() != "gloo"
-        self.group = dist.new_group(backend="gloo") if nccl else None
-
-    def handle(self, signum, frame):
-        if self.signum is None:
-            print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping"
-                  f"{' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
-            self.signum = signum
-        elif signum == signal.SIGINT:
-            print("\nCtrl-C again: stopped at once; the last checkpoint stays", file=sys.stderr, flush=True)
-            os._exit(130)
-
-    def requested(self):
-        flag = torch.tensor([self.signum or 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def setup_distributed(timeout_min=60):
+    """The torchrun contract: RANK, LOCAL_RANK, WORLD_SIZE in the environment, else one process.
+    timeout_min bounds every collective: the other ranks wait that long while rank 0 alone works (COCO's
+    evaluation of 5,000 images; NCCL's own default, 10 minutes, is too short). Returns (rank, local_rank,
+    world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+    return rank, local_rank, world, device
 
 
-def micro_seed(seed, step, chunk):
-    """Seed of drop path (and fine-tuning's mixing) for micro-batch `chunk` (= micro-step * world + rank)."""
-    return (seed * 1_000_003 + step) * 4096 + chunk
 
 
-MAX_NON_FINITE = 10  # non-finite steps in a row that stop a run: its gradients are broken, not one batch
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
 
 
-class Window:
-    """What the loop gathers between two log rows: each step's losses (averaged over ranks on the device:
-    no host sync per step) and whether the step was taken, the last gradient norm, unreadable images.
-    settle() brings it to the host at log and save boundaries. The checkpoint keeps it, so the first row
-    after a resume averages the same steps, to the bit, as an uninterrupted run's; the totals (skipped
-    steps, unreadable images and files) run over the whole run."""
-
-    def __init__(self, loop, stream, world):
-        self.steps = loop.get("steps", [])  # settled steps: [loss, *terms, taken]
-        self.skipped, self.streak = loop.get("skipped", 0), 0  # never saved with a streak open: it is 0
-        self.bad, self.bad_files = loop.get("bad", 0), set(loop.get("bad_files", []))
-        self.stream, self.world, self.names = stream, world, None
-        self.pending, self.my_bad, self.my_files, self.norm = [], 0, set(), None
-        self.timed, self.wait, self.t0 = 0, 0.0, time.time()
-
-    def add(self, losses, terms, taken, norm):
-        """One optimizer step: its losses (the mean over micro-steps), as a device tensor."""
-        self.names = list(terms)
-        v = torch.stack([losses.detach().float()] + [t.detach().float() for t in terms.values()])
-        if dist.is_initialized():
-            dist.all_reduce(v)  # each step on its own: a sum over ranks is then the same however long the window
-            v = v / self.world
-        self.pending.append(torch.cat([v, taken.float().view(1)]))
-        self.norm, self.timed = norm, self.timed + 1
-
-    def note_bad(self, pos, bad):
-        """Unreadable files skipped for a micro-batch (from its items' positions and skip counts)."""
-        for p, n in zip(pos.tolist(), bad.tolist()):
-            if n:
-                self.my_bad += n
-                for i in self.stream.skipped(p, n):
-                    if i not in self.bad_files and i not in self.my_files:
-                        tqdm.write(f"unreadable image {data.failure(self.stream.dataset, i)}: replaced by another sample")
-                    self.my_files.add(i)
-
-    def settle(self, device):
-        """The host side of a boundary (every rank): the pending steps' values (one sync), the streak of
-        non-finite steps, and the unreadable images of all ranks."""
-        for s in torch.stack(self.pending).tolist() if self.pending else []:
-            self.steps.append(s)
-            self.streak = 0 if s[-1] else self.streak + 1
-            self.skipped += not s[-1]
-        self.pending = []
-        bad = int(all_sum(self.my_bad, device=device)[0])
-        if bad:  # rare: gather the names
-            files = [self.my_files] * self.world
-            if dist.is_initialized():
-                dist.all_gather_object(files, self.my_files)
-            self.bad, self.bad_files = self.bad + bad, self.bad_files.union(*files)
-        self.my_bad, self.my_files = 0, set()
-
-    def row(self, step, epoch, lr, batch_size, device):
-        """The log row of the steps since the last one, averaged over the steps taken."""
-        self.settle(device)
-        taken = [s for s in self.steps if s[-1]]
-        mean = lambda i: sum(s[i] for s in taken) / len(taken) if taken else None
-        dt, wait = time.time() - self.t0, all_sum(self.wait, device=device)[0] / self.world
-        row = dict(step=step, epoch=epoch, lr=lr, train_loss=mean(0), **{n: mean(i + 1) for i, n in enumerate(self.names)},
-                   grad_norm=float(self.norm), img_per_s=self.timed * batch_size / dt, data_wait=wait / dt,
-                   skipped_steps=self.skipped, bad_images=self.bad, bad_files=len(self.bad_files))
-        self.steps, self.timed, self.wait, self.t0 = [], 0, 0.0, time.time()
-        return row
-
-    def state(self):
-        return dict(steps=self.steps, skipped=self.skipped, bad=self.bad, bad_files=sorted(self.bad_files))
+def all_sum(*values, device):
+    """Sum numbers over all processes (every rank must call this). Returns floats."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
-def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches, loss_fn, lr_at, evaluate, meta):
-    """The training loop of every script. Per optimizer step: set each group's LR; run r['accum']
-    micro-batches, gradients summed (DDP all-reduces them on the last one only); step, or skip a step
-    whose gradient is not finite. Then the boundary: a log row every r['log_every'] steps, an evaluation
-    every r['eval_every'] and at the end, a checkpoint every r['save_every'] and at the end, and a stop
-    if SIGTERM/Ctrl-C came.
+def fail(message, master):
+    """End this process with one line (printed by rank 0; the other ranks found the same error)."""
+    sys.exit(f"error: {message}" if master else 1)
 
-    A stop is honoured before an evaluation starts (torchrun and SLURM allow ~30 s after SIGTERM; a
-    50K-image validation does not fit), and the last step's checkpoint is written before the final
-    evaluation, so a kill there loses no training. An evaluation skipped that way is due: a resumed run
-    makes it first, so its log equals an uninterrupted run's.
 
-    loss_fn(batch) -> (loss, {name: term}) runs the forward of one micro-batch; lr_at(step, scale) is the
-    LR of a parameter group with that lr_scale; evaluate(step) -> {metric: value}, on every rank;
-    meta(metrics) -> what the script adds to the checkpoint. `state` is RunDir.start's (the resumed loop).
-    Randomness: data.py's stream fixes the data of each step; drop path (and mixing) are seeded by (seed,
-    step, micro-batch)."""
-    master, world = run.master, dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    window, stop = Window(state, stream, world), StopSignal()
-    at = dict(metrics=state.get("metrics", {}), evaluated=state.get("evaluated", state["step"]))  # the last evaluation
-    bar = tqdm(total=r["iters"], initial=state["step"], disable=not master, dynamic_ncols=True)
-    due = lambda done: done % r["eval_every"] == 0 or done == r["iters"]
+def agree(error, master):
+    """Every rank ends if rank 0 found an error (for checks only rank 0 makes, such as the lock)."""
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        fail(error, master)
 
-    def save(done):
-        """The checkpoint of step `done`, unless non-finite steps are open: a rerun must meet them from their start."""
-        window.settle(device)
-        if window.streak:
-            bar.write(f"step {done}: not saved, the last {window.streak} steps were not finite", file=sys.stderr)
-            if done == r["iters"]:
-                fail(f"the last {window.streak} steps were not finite: the final checkpoint was not written", master)
-            return
-        run.save(raw_model, optimizer, done, loop=dict(window.state(), evaluated=at["evaluated"]), metrics=at["metrics"],
-                 **meta(at["metrics"]))
 
-    def measure(done):
-        at["metrics"], at["evaluated"] = evaluate(done), done
-        run.log(step=done, **at["metrics"])
 
-    try:
-        if state["step"] and at["evaluated"] != state["step"] and due(state["step"]):  # stopped before this evaluation
-            measure(state["step"])
-            save(state["step"])
-        for step in range(state["step"], r["iters"]):
-            # ---- the step
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, group["lr_scale"])
-            losses = []
-            for micro in range(r["accum"]):
-                t = time.time()
-                batch = next(batches)  # (x, labels, positions, unreadable files skipped, *extra)
-                window.wait += time.time() - t
-                window.note_bad(batch[2], batch[3])
-                torch.manual_seed(micro_seed(r["seed"], step, micro * world + rank))
-                with model.no_sync() if world > 1 and micro < r["accum"] - 1 else contextlib.nullcontext():
-                    loss, terms = loss_fn(batch)
-                    # gradients add up over micro-steps: divide so that their sum is the mean over the global batch
-                    (loss / r["accum"]).backward()
-                losses.append(torch.stack([loss.detach()] + [t.detach() for t in terms.values()]).float())
-            taken, norm = optimizer_step(raw_model, optimizer, r["clip_grad"])
-            mean = torch.stack(losses).mean(0)  # (1 + terms,): the step's losses
-            window.add(mean[0], dict(zip(terms, mean[1:])), taken, norm)
-            done, last = step + 1, step + 1 == r["iters"]
-            bar.update()
+def amp_dtype(device, flag):
+    """--dtype: auto = bf16 autocast on CUDA (no loss scaler needed, unlike the official fp16), fp32 on CPU."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[flag]
 
-            # ---- the boundary: log, stop, evaluate, save (the loop's only host syncs)
-            if done % r["log_every"] == 0 or last:
-                row = window.row(done, done / r["epoch_steps"], lr_at(step, 1.0), r["batch_size"], device)
-                run.log(**row)
-                bar.set_postfix(loss=f"{row['train_loss'] or math.nan:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-            if window.streak >= MAX_NON_FINITE:
-                fail(f"{window.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: the "
-                     f"weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a rerun "
-                     f"repeats the same steps. Lower --lr, or look at the data", master)
-            signum = stop.requested()
-            if signum or last:  # the weights are safe before an evaluation starts; a stop does not wait for it
-                save(done)
-            if signum:
-                bar.write(f"stopped at step {done}; run the same command again to resume", file=sys.stderr)
-                sys.exit(128 + signum)  # not 0: `mim.py ... && finetune.py ...` and SLURM's afterok stop here
-            if due(done):
-                measure(done)
-            if done % r["save_every"] == 0 or last:
-                save(done)
-    finally:
-        bar.close()
-        stop.restore()
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def warn_cpu(model):
+    """One line before any work when a paper-sized model will run on a CPU: minutes per step, not a hang."""
+    if model in swinv2.PAPER_SIZES and not torch.cuda.is_available():
+        print0(f"warning: SwinV2-{model} on a CPU takes minutes per step (no GPU found); the CPU sizes are nano and tiny")
+
+
+def device_setup(device, dtype_flag, workers):
+    """What the device decides, the same in every script: the autocast dtype and context, TF32 matmuls on
+    GPUs, and data-loader workers (8 per GPU by default; none on a CPU, where the main process computes)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = amp_dtype(device, dtype_flag)
+    return dtype, autocast(device, dtype), workers if workers is not None else 8 if device.type == "cuda" else 0
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -695,6 +657,68 @@ def load_for_eval(path, model, encoder, name, master, classes=None):
     except RuntimeError as e:  # a head of another size (e.g. --fpn_channels)
         fail(f"{path} does not fit this model: {(str(e).splitlines()[1:] or [str(e)])[0].strip()} ...; pass the flags of its run (args.json)", master)
     return ckpt
+
+
+
+
+# -----------------------------------------------------------------------------
+# command line: argparse types that check each flag's own value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage first, and ours is long)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, lo, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite int or float in [lo, hi] (or open at either end), e.g.
+    number(float, 0, lo_open=True) for > 0. A bad value is refused naming the flag, value and range."""
+    want = (f"{'>' if lo_open else '>='} {lo:g}" if hi is None else
+            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'} {want}, got {text!r}") from None
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return v
+    return parse
+
+
+count, natural, positive, non_negative = number(int, 1), number(int, 0), number(float, 0, lo_open=True), number(float, 0)
+
+
+def model_name(text):
+    """--model: a preset name; the paper's letters in either case (b = B), but G is not g: SwinV2-G (3B) is
+    not a preset, the paper's giant is g."""
+    names = {k.lower(): k for k in swinv2.PRESETS}
+    if text in swinv2.PRESETS or text != "G" and text.lower() in names:
+        return names[text.lower()]
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(swinv2.PRESETS)} "
+                                     "(the paper's giant is g; SwinV2-G, 3B, is not a preset)")
+
+
+def check_out_dir(path):
+    """Refuse an --out_dir that is a file or cannot be created, before anything is written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out_dir {path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {path}: {parent} is not writable")
+
+
+def batch_split(B, micro_batch, world_size):
+    """(micro-batch, accumulation steps) for a global batch B: the micro-batch defaults to B / world size."""
+    mb = micro_batch or B // world_size
+    if mb == 0 or B % (mb * world_size):
+        raise ValueError(f"--batch_size {B} is not divisible by --micro_batch {mb} x {world_size} processes")
+    return mb, B // (mb * world_size)
 
 
 if __name__ == "__main__":

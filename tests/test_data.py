@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 import data
 import mim
+import synthetic
 import train
 from conftest import write_inat18
 
@@ -97,12 +98,12 @@ def test_stream_restart_and_order_are_pure_functions_of_position():
     again = [stream()[p] for p in take(data.StreamSampler(B, 2, start_step=3), 3 * B)]  # a fresh process
     assert torch.equal(torch.get_rng_state(), before)  # augmentations leave the caller's RNG alone
     for a, b in zip(first[3 * B:], again):
-        assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+        assert torch.equal(a.image, b.image) and (a.label, a.pos, a.bad) == (b.label, b.pos, b.bad)
     # one pass (n = 26 positions) visits every subset image exactly once, the next pass in another order
     n = len(ts.indices)
     pass0, pass1 = [ts.index(p) for p in range(n)], [ts.index(p) for p in range(n, 2 * n)]
     assert sorted(pass0) == sorted(pass1) == sorted(ts.indices.tolist()) and pass0 != pass1
-    assert not torch.equal(ts[0][0], ts[n][0])  # same image may recur, its crop does not
+    assert not torch.equal(ts[0].image, ts[n].image)  # same image may recur, its crop does not
 
 
 def test_loader_same_crops_with_and_without_workers():
@@ -113,9 +114,9 @@ def test_loader_same_crops_with_and_without_workers():
         batches[workers] = [next(it) for _ in range(3)]
         del it, loader  # shuts the persistent workers down
     for a, b in zip(batches[0], batches[2]):
-        assert a[0].shape == (4, 3, 32, 32)
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+        assert isinstance(a, data.Item) and a.image.shape == (4, 3, 32, 32) and a.mask is None and a.target is None
+        for field in ("image", "label", "pos", "bad"):
+            assert torch.equal(getattr(a, field), getattr(b, field))
 
 
 def test_uint8_transport_gives_the_float_pipelines_batch():
@@ -125,7 +126,7 @@ def test_uint8_transport_gives_the_float_pipelines_batch():
     loader = data.make_loader(data.EvalSet(ds, range(8), data.val_transform(size)), 4, workers=2)
     assert loader.prefetch_factor == 2
     batches = list(loader)
-    x = torch.cat([b[0] for b in batches])
+    x = torch.cat([b.image for b in batches])
     assert x.dtype == torch.uint8 and x.shape == (8, 3, size, size)
     assert torch.equal(data.normalize(x), torch.stack([float_view(ds.open(i)[0]) for i in range(8)]))  # bit for bit on CPU
     assert data.normalize(x.to("meta")).device.type == "meta" and data.normalize(x.float()).equal(x.float())  # floats pass
@@ -134,30 +135,22 @@ def test_uint8_transport_gives_the_float_pipelines_batch():
     assert data.finetune_transform(size, train=True).transforms[-1].value == "random"  # erasing noise: float, normalised
 
 
-class StreamMasks:
-    """mim.py's mask of stream position p, as a picklable per-sample function for TrainStream(extra=...)."""
-    def __init__(self, masks, seed):
-        self.masks, self.seed = masks, seed
-
-    def __call__(self, pos):
-        return self.masks(self.seed * 2**40 + pos)
-
-
-def test_extra_values_are_computed_in_the_workers_and_unchanged():
-    """extra(position) / extra(index) joins each item, computed in the worker: mim.py's masks come out as
-    the training process made them (so an old run resumes with the same masks), the images do not change."""
-    masks = mim.MaskGenerator(32, 16, 4, 0.6)
+def test_masks_are_computed_in_the_workers_and_unchanged():
+    """masks(position) / masks(index) joins each item as its mask, computed in the worker: mim.py's masks come
+    out as the training process made them (so an old run resumes with the same masks: the seed of stream
+    position p is seed * 2**40 + p), the images do not change."""
+    unseeded = mim.MaskGenerator(32, 16, 4, 0.6)
     plain, masked = stream(), stream()
-    masked.extra = StreamMasks(masks, seed=5)
+    masked.masks = mim.MaskGenerator(32, 16, 4, 0.6, seed=5)
     loader = data.make_loader(masked, 4, sampler=data.StreamSampler(8, 4, start_step=2), workers=2)
     it = iter(loader)
     for _ in range(2):
-        x, label, pos, bad, mask = next(it)
-        assert torch.equal(mask, torch.stack([masks(5 * 2**40 + int(p)) for p in pos]))
-        assert torch.equal(x, torch.stack([plain[int(p)][0] for p in pos]))
+        batch = next(it)
+        assert torch.equal(batch.mask, torch.stack([unseeded(5 * 2**40 + int(p)) for p in batch.pos]))
+        assert torch.equal(batch.image, torch.stack([plain[int(p)].image for p in batch.pos]))
     del it, loader
-    val = data.EvalSet(data.open_dataset("synthetic", "val"), [3, 7, 11], data.val_transform(32), extra=masks)
-    assert [torch.equal(val[i][4], masks(index)) for i, index in enumerate([3, 7, 11])] == [True] * 3
+    val = data.EvalSet(data.open_dataset("synthetic", "val"), [3, 7, 11], data.val_transform(32), masks=unseeded)
+    assert [torch.equal(val[i].mask, unseeded(index)) for i, index in enumerate([3, 7, 11])] == [True] * 3
 
 
 def test_bad_files_replaced_and_counted_odd_modes_become_rgb(tmp_path):
@@ -177,36 +170,24 @@ def test_bad_files_replaced_and_counted_odd_modes_become_rgb(tmp_path):
     ds = data.open_dataset(str(tmp_path))
     assert ds.classes == ["a", "b"] and len(ds) == 7
     items = {ds.name(i): data.EvalSet(ds, range(len(ds)), data.val_transform(24))[i] for i in range(len(ds))}
-    assert {k: v[3] for k, v in items.items() if v[3]} == {"a/corrupt.jpg": 1, "a/truncated.jpg": 1}
-    for x, label, index, bad in items.values():
-        assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
-    pix = {k: v[0] / 255 for k, v in items.items()}
+    assert {k: v.bad for k, v in items.items() if v.bad} == {"a/corrupt.jpg": 1, "a/truncated.jpg": 1}
+    for item in items.values():
+        assert item.image.shape == (3, 24, 24) and item.image.dtype == torch.uint8
+    pix = {k: v.image / 255 for k, v in items.items()}
     assert torch.allclose(pix["a/gray.png"][0], pix["a/gray.png"][2], atol=1e-6)
     assert pix["a/cmyk.jpg"][0].mean() > 0.9 and pix["a/cmyk.jpg"][1:].mean() < 0.1
-    assert data.normalize(items["a/rgba.png"][0])[:, :, :8].abs().max() < 0.05  # transparent -> the mean -> ~0
-    assert torch.equal(items["a/corrupt.jpg"][0], items["a/gray.png"][0])  # replaced by the next file
+    assert data.normalize(items["a/rgba.png"].image)[:, :, :8].abs().max() < 0.05  # transparent -> the mean -> ~0
+    assert torch.equal(items["a/corrupt.jpg"].image, items["a/gray.png"].image)  # replaced by the next file
     why = data.failure(ds, list(ds.names).index("a/corrupt.jpg"))  # what the training process prints
     assert why.startswith(str(tmp_path / "a/corrupt.jpg")) and "Error" in why, why
     # a training stream over only bad files and one good one: counted, never raised
     ts = data.TrainStream(ds, [list(ds.names).index("a/corrupt.jpg"), list(ds.names).index("a/truncated.jpg"), 6],
                           data.pretrain_transform(16), seed=0)
     skips = [next(k for k in range(9) if ts.index(p + k) == 6) for p in range(9)]  # bad run from p
-    assert [ts[p][1:] for p in range(9)] == [(1, p, skips[p]) for p in range(9)] and sum(skips) >= 6
+    assert [(ts[p].label, ts[p].pos, ts[p].bad) for p in range(9)] == [(1, p, skips[p]) for p in range(9)]
+    assert sum(skips) >= 6
     broken = {list(ds.names).index("a/corrupt.jpg"), list(ds.names).index("a/truncated.jpg")}
     assert all(set(ts.skipped(p, skips[p])) <= broken and len(ts.skipped(p, skips[p])) == skips[p] for p in range(9))
-
-
-def test_synthetic_deterministic_by_index_and_splits_disjoint():
-    train, val = data.open_dataset("synthetic"), data.open_dataset("synthetic", "val")
-    assert (len(train), len(val)) == (data.SYNTHETIC_TRAIN, data.SYNTHETIC_VAL)
-    a, b = np.asarray(train.open(7)[0]), np.asarray(train.open(7)[0])
-    assert a.shape == (data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE, 3) and np.array_equal(a, b)
-    assert not np.array_equal(a, np.asarray(val.open(7)[0])) and not np.array_equal(a, np.asarray(train.open(8)[0]))
-    assert train.open(7)[1] == val.open(7)[1] == 7 and sorted(set(train.targets.tolist())) == list(range(10))
-    assert a.std() > 20  # real structure, not a flat colour
-    assert len(data.open_dataset("synthetic:40")) == 40
-    with pytest.raises(ValueError, match="synthetic"):
-        data.open_dataset("synthetic:0")
 
 
 def test_file_list_dataset(tmp_path):
@@ -258,10 +239,10 @@ def test_inat18_json_as_released(tmp_path):
         assert isinstance(ds.names, data.Names) and ds.targets.dtype == np.int64  # no per-image Python objects
     val = data.open_dataset(str(tmp_path), "val")
     assert len(val) == 6 and [val.classes[t] for t in val.targets] == [str(i) for i in ids["val"]]
-    train_set, val_set = train.open_splits(str(tmp_path))  # the folder has its val split: val2018.json
+    train_set, val_set = data.open_splits(str(tmp_path))  # the folder has its val split: val2018.json
     assert (len(train_set), len(val_set)) == (12, 6)
     with pytest.raises(ValueError, match="--val_data"):
-        train.open_splits(str(tmp_path / "train2018.json"))  # its 'val' would be the training set
+        data.open_splits(str(tmp_path / "train2018.json"))  # its 'val' would be the training set
     d = json.loads((tmp_path / "train2018.json").read_text())
     for change, message in ((lambda d: d["annotations"].pop(), "11 annotations for 12 images"),
                             (lambda d: d["annotations"][0].update(image_id=1), "image id 1077 has no annotation"),
@@ -321,7 +302,7 @@ def photos(size=64):
     import matplotlib.cbook
     hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     crops = [hopper.crop(box).resize((size, size), Image.BICUBIC) for box in ((0, 0, 512, 512), (100, 50, 400, 350), (0, 300, 256, 556))]
-    return crops + [data.SyntheticImages("val", 2).open(i)[0].resize((size, size), Image.BICUBIC) for i in range(2)]
+    return crops + [synthetic.SyntheticImages("val", 2).open(i)[0].resize((size, size), Image.BICUBIC) for i in range(2)]
 
 
 def official_finetune_transform():
@@ -399,48 +380,3 @@ def test_finetune_pipeline_has_the_official_settings():
     ours, theirs = data.finetune_transform(224, train=False), timm_data.create_transform(224, crop_pct=224 / 256, interpolation="bicubic")
     for img in photos(96)[:2]:
         torch.testing.assert_close(data.normalize(ours(img)), theirs(img))
-
-
-def test_synthetic_scene_objects_are_the_drawn_shapes():
-    ds = data.SyntheticImages("val", 10)
-    for i in range(10):
-        img, label, objects = ds.scene(i)
-        x = np.asarray(img).reshape(-1, 3).astype(int)
-        assert np.array_equal(np.asarray(img), np.asarray(ds.open(i)[0])) and label == ds.targets[i]
-        (main_cls, main), small = objects[0], objects[1:]
-        assert main_cls == label and main.sum() > 100 and len(small) >= 3 and all(0 <= c < 5 for c, _ in small)
-        masks = np.stack([m for _, m in objects])
-        assert masks.any(axis=(1, 2)).all() and masks.sum(0).max() == 1  # visible pixels: none empty, no overlap
-        if label < 5:  # a plain shape is one colour (up to the faint noise)
-            assert np.ptp(x[main.ravel()], axis=0).max() <= 12
-        for _, m in small:  # the small shapes are plain
-            assert np.ptp(x[m.ravel()], axis=0).max() <= 12
-
-
-def test_synthetic_background_is_a_symmetric_pattern():
-    """Each symmetry map sends every pixel to one of the fundamental domain, which it fixes; the drawn
-    patterns are symmetric under one of the maps (outside the main shape, up to the faint noise), not all
-    under the same one."""
-    h = data.SYNTHETIC_SIZE // 2
-    invariant = {"none": [], "mirror-lr": [lambda g: g[:, ::-1]], "mirror-ud": [lambda g: g[::-1]],
-                 "mirror-both": [lambda g: g[:, ::-1], lambda g: g[::-1]], "rot180": [lambda g: g[::-1, ::-1]],
-                 "rot90": [np.rot90], "shift-x": [lambda g: np.roll(g, h, 1)], "shift-y": [lambda g: np.roll(g, h, 0)],
-                 "tile": [lambda g: np.roll(g, h, 1), lambda g: np.roll(g, h, 0)], "mirror-diag": [lambda g: g.T],
-                 "mirror-antidiag": [lambda g: g[::-1, ::-1].T]}
-    noise = np.random.default_rng(0).random((data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE))
-    for name, (sy, sx, copy) in zip(data.SYMMETRIES, data._SYMMETRY_MAPS):
-        domain = copy == 0
-        assert (sy[sy, sx] == sy).all() and (sx[sy, sx] == sx).all() and domain[sy, sx].all(), name
-        assert domain.mean() == pytest.approx({1: 1, 2: 0.5, 4: 0.25}[len(np.unique(copy))], abs=0.01), name
-        g = noise[sy, sx]  # any content copied by the map has the symmetry it is named after
-        assert all(np.array_equal(g, t(g)) for t in invariant[name]), name
-    ds, found = data.SyntheticImages("train", 22), []
-    for i in range(22):
-        img, _, objects = ds.scene(i)
-        x, main, pattern = np.asarray(img).astype(int), objects[0][1], np.any([m for _, m in objects[1:]], axis=0)
-        for name, (sy, sx, _) in zip(data.SYMMETRIES[1:], data._SYMMETRY_MAPS[1:]):
-            seen = ~main & ~main[sy, sx]  # the pattern where neither a pixel nor its source is behind the main shape
-            if (pattern == pattern[sy, sx])[seen].all() and np.abs(x - x[sy, sx])[seen & pattern].max() <= 12:
-                found.append(name)
-                break
-    assert len(found) >= 16 and len(set(found)) >= 6, found  # 'none' is 1 class in 11

@@ -23,6 +23,7 @@ import detect
 import finetune
 import mim
 import swinv2
+import synthetic
 import train
 import test_run
 
@@ -148,14 +149,15 @@ def test_coco_traps_become_valid_mask_rcnn_targets(coco):
     # no empty mask: the degenerate box is gone with its label
     stream = detect.PairStream(train, detect.LargeScaleJitter(128, (0.5, 1.5)), seed=0)
     for pos in range(12):
-        x, t, p, bad = stream[pos]
-        assert x.shape == (3, 128, 128) and x.dtype == torch.uint8 and (p, bad) == (pos, 0)
+        item = stream[pos]
+        x, t = item.image, item.target
+        assert x.shape == (3, 128, 128) and x.dtype == torch.uint8 and (item.pos, item.bad) == (pos, 0)
         masks = detect.unpack_masks(t["mask_bits"], 128)
         assert t["mask_bits"].shape[1:] == (128, 16) and masks.shape[1:] == (128, 128) and len(t["boxes"]) == len(masks) == len(t["labels"])
         assert torch.equal(t["boxes"], detect.mask_boxes(masks)) and masks.flatten(1).any(1).all()
-    assert 3 not in stream[stream_pos_of(stream, 0)][1]["labels"].tolist()  # image a's degenerate box (label 3) is gone
+    assert 3 not in stream[stream_pos_of(stream, 0)].target["labels"].tolist()  # image a's degenerate box (label 3) is gone
     # the same position gives the same sample (resume), another position another draw
-    assert torch.equal(stream[5][0], stream[5][0]) and not torch.equal(stream[5][0], stream[9][0])
+    assert torch.equal(stream[5].image, stream[5].image) and not torch.equal(stream[5].image, stream[9].image)
 
 
 def test_compact_index_reads_as_pycocotools(tmp_path):
@@ -206,7 +208,7 @@ def stream_pos_of(stream, i):
 
 def test_synthetic_set_is_a_coco_dataset_of_its_shapes():
     ds = detect.open_coco("synthetic:6", "train")
-    images = data.SyntheticImages("train", 6)
+    images = synthetic.SyntheticImages("train", 6)
     for i in range(6):
         img, label, objects = images.scene(i)
         anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=i))
@@ -215,7 +217,7 @@ def test_synthetic_set_is_a_coco_dataset_of_its_shapes():
         for a, (_, m) in zip(anns, visible):
             assert np.array_equal(ds.coco.annToMask(a), m) and a["area"] == m.sum()
         assert np.array_equal(ds[i][0].permute(1, 2, 0).numpy(), np.asarray(img))
-    assert len(detect.open_coco("synthetic", "val")) == data.SYNTHETIC_VAL
+    assert len(detect.open_coco("synthetic", "val")) == synthetic.VAL_IMAGES
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def test_recipe_follows_the_preset_and_bad_flags_are_named():
         dict(img_size=1024, window=16, drop_path=0.2, epochs=36, milestones=(27, 33), batch_size=16, micro_batch=2, layer_decay=0.9, jitter=(0.1, 2.0))
     assert r["peak_lr"] == 1e-4 and r["task"] == "coco" and r["out_dir"] == "out/det_coco_B_scratch"
     _, r = tiny_args(["--batch_size", "32", "--pretrained", "out/tiny_frac1_0.15k"])
-    assert r["peak_lr"] == pytest.approx(2 * detect.RECIPES["cpu"]["lr"]) and r["out_dir"] == "out/det_synthetic_tiny_tiny_frac1_0.15k"
+    assert r["peak_lr"] == pytest.approx(2 * detect.RECIPES["demo"]["lr"]) and r["out_dir"] == "out/det_synthetic_tiny_tiny_frac1_0.15k"
     for extra, words in [(["--milestones", "5"], "--milestones"), (["--jitter", "2", "1"], "--jitter"), (["--window", "5"], "--window"),
                          (["--micro_batch", "3"], "not divisible")]:
         with pytest.raises(ValueError, match=words):

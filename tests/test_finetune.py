@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import data
 import finetune
 import mim
 import swinv2
@@ -299,5 +300,5 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_top5_counts_a_true_class_ranked_second_to_fifth():
-    loader = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), None, None)]
+    loader = [data.Item(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), torch.arange(4), torch.zeros(4))]
     assert finetune.evaluate(FixedLogits(), loader, torch.device("cpu"), contextlib.nullcontext()) == (25.0, 75.0, 4)
