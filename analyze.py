@@ -51,6 +51,7 @@ import math
 import os
 import shlex
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import matplotlib
@@ -157,7 +158,7 @@ def curve_noise(curve):
     second differences of the last half of its curve: a trend that is locally straight cancels out, and
     noise of deviation s gives second differences of deviation s*sqrt(6). None below 3 evaluations. The
     bends of a real curve count as noise too, so this errs on the side of a larger tolerance."""
-    v = np.array([loss for _, loss in curve[(len(curve) - 1) // 2:]], dtype=float)
+    v = np.array([loss for step, loss in curve[(len(curve) - 1) // 2:]], dtype=float)
     return float(np.sqrt(np.mean(np.diff(v, 2) ** 2) / 6)) if len(v) >= 3 else None
 
 
@@ -174,7 +175,7 @@ def read_pretrain(d, summary, args, log):
     row = dict(source="ours", model=str(s.get("model", a.get("model", "?"))), frac=frac,
                data=data_label(s.get("data", a.get("data", "?")), frac), images=num(s.get("subset_size")),
                iters=int(iters) if iters else None, run_dir=d, curve=curve, step=step,
-               # unfinished: no summary yet, or one written before the last step (an older mim.py, a cut run)
+               # unfinished: no summary yet, or one written before the last step (a run cut short)
                partial=summary is None or (step is not None and iters is not None and step < iters),
                train_loss=num(s.get("train_loss", train[-1] if train else None)),
                val_loss=num(s.get("val_loss", curve[-1][1] if curve else None)),
@@ -251,6 +252,15 @@ def pretraining_of(p, rows, by_dir):
     return r, None
 
 
+class Entry(NamedTuple):
+    """A downstream run that counts for a pre-training row, as load_runs collects them."""
+    row: dict  # the row of the pre-training run it started from, or its model's baseline from scratch
+    run_dir: str  # the downstream run's own directory
+    group: tuple  # (task, kind, model): a script's runs on one task from one model size
+    recipe: str  # downstream_recipe: only the runs of one recipe per group are averaged
+    values: dict  # {column: value}: its metrics
+
+
 def load_runs(paths, left_out=None):
     """Rows of the pre-training runs in paths (globs allowed), with their downstream metrics, and one row
     per model for the downstream runs from scratch. Downstream runs that count for no row are appended
@@ -281,7 +291,7 @@ def load_runs(paths, left_out=None):
     def leave(d, why, values):
         left_out.append((d, why, values))
         note(f"{d}: {why}; left out")
-    entries, scratch, renamed = [], {}, set()  # entries: (row, run dir, task, recipe, {column: value})
+    entries, scratch, renamed = [], {}, set()  # entries: Entry, one per downstream run that counts
     for d, s, a in downstream:
         task, p = task_of(s, a), s.get("pretrained") or {}
         if s.get("task") and task != s["task"]:
@@ -295,15 +305,15 @@ def load_runs(paths, left_out=None):
             leave(d, why, downstream_metrics(s, task))
         else:
             group = (task, str(s.get("kind")), str(s.get("model")))  # a script's runs on one task from one model size
-            entries.append((r, d, group, downstream_recipe(a), downstream_metrics(s, task)))
+            entries.append(Entry(r, d, group, downstream_recipe(a), downstream_metrics(s, task)))
     if renamed:
         note(f"task names as in the paper: {', '.join(sorted(renamed))}")
     # one recipe per task, script and model size: a mean over a 3-epoch and a 100-epoch fine-tune, or a
     # column mixing them, measures neither (model sizes have recipes of their own, and detect.py and
     # segment.py on the synthetic set share its task name). The recipe most runs share wins (the first on a tie)
     count, best = {}, {}
-    for _, _, group, recipe, _ in entries:
-        count[group, recipe] = count.get((group, recipe), 0) + 1
+    for e in entries:
+        count[e.group, e.recipe] = count.get((e.group, e.recipe), 0) + 1
     for (group, recipe), n in count.items():
         best[group] = recipe if n > count.get((group, best.get(group)), 0) else best[group]
     scores = {}  # (id of the row, column) -> (row, the runs' values)
@@ -317,7 +327,7 @@ def load_runs(paths, left_out=None):
             scores.setdefault((id(r), col), (r, []))[1].append(v)
     # several fine-tunings of one pre-training (seeds): their mean, with how many and how far apart. At
     # small scale one fine-tuning's seed moves top-1 by several points, and the best of n would reward noise.
-    for (_, col), (r, vs) in scores.items():
+    for (row_id, col), (r, vs) in scores.items():
         r[col] = sum(vs) / len(vs)
         r.setdefault("seeds", {})[col] = (len(vs), float(np.std(vs, ddof=1)) if len(vs) > 1 else None)
     return rows + list(scratch.values())
@@ -350,7 +360,8 @@ def load_csv(path, source=None):
         step, iters = num(rec.get("step")), int(num(rec["iters"]))
         row.update(source=rec.get("source") or source or os.path.splitext(os.path.basename(path))[0],
                    model=rec["model"], data=rec["data"], images=num(rec.get("images")), iters=iters, step=step,
-                   train_loss=num(rec["train_loss"]), val_loss=num(rec["val_loss"]), val_noise=num(rec.get("val_noise")),
+                   train_loss=num(rec["train_loss"]), val_loss=num(rec["val_loss"]),
+                   val_noise=num(rec.get("val_noise")),
                    overfitting_live=True if rec.get("overfitting_live") == "1" else None, seeds=seeds,
                    partial=rec.get("partial") == "1" or (step is not None and step < iters))
         rows.append(row)
@@ -394,8 +405,10 @@ def tolerance(rows):
     s = float(np.median(noise)) if noise else None
     tol = max(res, 2 * math.sqrt(2) * s if s else 0.0)
     if s and tol > res:
-        return tol, f"2*sqrt(2) x {s:.2g}, the median noise of a logged val loss about its trend, over {len(noise)} runs"
-    return tol, "the resolution of the losses as written" + ("" if noise else "; no logged curves to measure their noise")
+        return tol, (f"2*sqrt(2) x {s:.2g}, the median noise of a logged val loss about its trend, "
+                     f"over {len(noise)} runs")
+    return tol, "the resolution of the losses as written" + ("" if noise else
+                                                             "; no logged curves to measure their noise")
 
 
 def overfit_flags(rows, tol, shortest=None, whole_group=False):
@@ -460,7 +473,8 @@ def correlations(rows, metrics):
     out = {name: {loss: {m: cell(sub, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
            for name, sub in subsets.items()}
     if len(models) > 1:
-        out["within_model"] = {loss: {m: within_model(done, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
+        out["within_model"] = {loss: {m: within_model(done, loss, m) for m in metrics}
+                               for loss in ("train_loss", "val_loss")}
         for mo in models:
             sub = [r for r in done if r["model"] == mo]
             out[f"model {mo}"] = {loss: {m: cell(sub, loss, m) for m in metrics} for loss in ("train_loss", "val_loss")}
@@ -519,7 +533,8 @@ def md_table(header, body):
 def with_seeds(r, m):
     """'61.50 (n=3, sd 2.12)': a mean over downstream runs says over how many, and how far apart they were."""
     n, sd = r.get("seeds", {}).get(m, (None, None))
-    return fmt(r.get(m), 2) + ("" if n is None or r.get(m) is None else f" (n={n}" + (f", sd {sd:.2f})" if sd is not None else ")"))
+    return fmt(r.get(m), 2) + ("" if n is None or r.get(m) is None else
+                               f" (n={n}" + (f", sd {sd:.2f})" if sd is not None else ")"))
 
 
 def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
@@ -551,16 +566,18 @@ def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
         body = [[mo] + [best_cell(best[mo, d], m) if (mo, d) in best else "—" for d in cols]
                 for mo in models if any((mo, d) in best for d in cols)]
         out += [f"\n### Best {m} per model and data (iterations)", md_table(["model"] + cols, body)]
-    # overfitting groups with their val loss by length, so a reader sees the rise (paper.md 5c)
+    # overfitting groups with their val loss by length, so a reader sees the rise, the data-scaling paper's
+    # sign of overfitting (arXiv 2206.04664)
     body = [[mo, d, ", ".join(f"{kilo(r['iters'])} {r['val_loss']:.4f}" for r in done
                               if (r["model"], r["data"]) == (mo, d) and r.get("val_loss") is not None),
-             ", ".join(map(kilo, its))] for (_, mo, d), its in overfit.items()]
+             ", ".join(map(kilo, its))] for (source, mo, d), its in overfit.items()]
     out += [f"\n### Overfitting: the val loss is above that of a shorter run of the same model and data by more "
             f"than {tol:.2g} ({tol_text}); the shortest run of each: unknown",
             md_table(["model", "data", "val loss by iterations", "overfitting runs"], body) if body
             else "none found (it takes two or more lengths of the same model and data)"]
     live = [f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in rows if r.get("overfitting_live")]
-    out += [f"\nFlagged by their own log (the val loss rose at two evaluations in a row): {', '.join(live)}"] if live else []
+    out += ([f"\nFlagged by their own log (the val loss rose at two evaluations in a row): {', '.join(live)}"]
+            if live else [])
     # n in every cell: an r from 4 runs and an r from 63 runs are not the same evidence
     body = [[sub.replace("within_model", "within models"), loss] + [f"{fmt(c['r'], 3)} (n={c['n']})"
                                                                      for c in per_metric.values()]
@@ -572,7 +589,8 @@ def tables(rows, models, datas, metrics, overfit, corr, rules, tol, tol_text):
         body = [[rule, loss] + [" / ".join(f"{fmt(c[k]['r'], 3)} (n={c[k]['n']})" for k in ("overfit", "non_overfit"))
                                 for c in per_metric.values()]
                 for rule, per_loss in rules.items() for loss, per_metric in per_loss.items()]
-        out += ["\n### Overfit / non-overfit r under other overfitting rules", md_table(["rule", "loss"] + metrics, body)]
+        out += ["\n### Overfit / non-overfit r under other overfitting rules",
+                md_table(["rule", "loss"] + metrics, body)]
     return "\n".join(out)
 
 
@@ -658,7 +676,8 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
                 ax.text(0.5, 0.5, f"no runs with a {loss}", ha="center", transform=ax.transAxes)
             c, w = corr["all"][loss][m], corr.get("within_model", {}).get(loss, {}).get(m)
             ax.set(xlabel=f"pre-training {loss.replace('_', ' ')}", ylabel=m,
-                   title=f"all: r = {fmt(c['r'], 3)}, n = {c['n']}" + (f"\nwithin models: r = {fmt(w['r'], 3)}" if w else ""))
+                   title=f"all: r = {fmt(c['r'], 3)}, n = {c['n']}"
+                         + (f"\nwithin models: r = {fmt(w['r'], 3)}" if w else ""))
         save(fig, axes, f"{m}_vs_loss")
     return paths
 
@@ -749,7 +768,8 @@ def main(argv=None):
         tol, tol_text = (args.overfit_tol, "--overfit_tol") if args.overfit_tol is not None else tolerance(pre)
         overfit = find_overfitting(pre, tol)  # flags the rows; the correlation subsets need it first
         corr, rules = correlations(pre, metrics), overfit_rules(pre, metrics, tol)
-        unfinished = [r.get("run_dir") or f"{r['model']} {r['data']} {kilo(r['iters'])}" for r in pre if r.get("partial")]
+        unfinished = [r.get("run_dir") or f"{r['model']} {r['data']} {kilo(r['iters'])}"
+                      for r in pre if r.get("partial")]
         if unfinished:
             note(f"{len(unfinished)} unfinished {src} run(s) left out of the correlations: {', '.join(unfinished)}")
         suffix = "" if src == sources[0] else f"_{src}"  # the first source gets the plain file names
@@ -758,13 +778,14 @@ def main(argv=None):
             json.dump(dict(corr, overfit_tolerance=tol, overfit_rules=rules), f, indent=1)
         pngs = figures(sub, models, datas, metrics, corr, out, suffix)
         written += [os.path.basename(p) for p in pngs]
-        report.append(f"## {src} runs ({len(sub)})\n\n" + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text)
+        report.append(f"## {src} runs ({len(sub)})\n\n"
+                      + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text)
                       + "\n\nFigures: " + ", ".join(pngs) + "\n")
         in_order += sub
     if left_out:
         values = lambda v: ", ".join(f"{k} {x:.2f}" for k, x in v.items())
-        report.append(f"## Left out ({len(left_out)})\n\n" + md_table(["run", "why", "its metrics"],
-                                                                     [[d, why, values(v)] for d, why, v in left_out]) + "\n")
+        report.append(f"## Left out ({len(left_out)})\n\n"
+                      + md_table(["run", "why", "its metrics"], [[d, why, values(v)] for d, why, v in left_out]) + "\n")
     print("\n".join(report))
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write("\n".join(report))

@@ -51,25 +51,33 @@ import train
 
 def get_parser():
     p = argparse.ArgumentParser(description="throughput and peak memory of a training step or the data pipeline")
-    p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data", "gpu"], help="what to time; gpu: the full GPU report")
+    p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data", "gpu"],
+                   help="what to time; gpu: the full GPU report")
     p.add_argument("--model", default="B", help="preset: S, B, L, H, g, nano or tiny")
-    p.add_argument("--embed_dim", type=int, default=None, help="override the preset's width C (e.g. 96 for a T-sized model)")
+    p.add_argument("--embed_dim", type=int, default=None,
+                   help="override the preset's width C (e.g. 96 for a T-sized model)")
     p.add_argument("--depths", default=None, help="override the preset's depths, e.g. 2,2,6,2")
     p.add_argument("--img_size", type=int, default=None, help="pixels; default: the preset's (192)")
     p.add_argument("--window", type=int, default=None, help="window size; default: the preset's (12)")
-    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of our model and timm's (paper 0.1)")
+    p.add_argument("--drop_path", type=float, default=0.1,
+                   help="stochastic depth rate of our model and timm's (paper 0.1)")
     p.add_argument("--batch", type=int, default=8, help="images per step (per GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--timm", action="store_true", help="encoder mode: also time timm's SwinTransformerV2 at the same config")
+    p.add_argument("--timm", action="store_true",
+                   help="encoder mode: also time timm's SwinTransformerV2 at the same config")
     p.add_argument("--data", default=None, help="data mode: a folder of images; default: JPEGs made in a temp folder")
-    p.add_argument("--jpeg_size", default="500x375", help="data mode: WxH of the made JPEGs, comma-separated (ImageNet is ~500x375)")
+    p.add_argument("--jpeg_size", default="500x375",
+                   help="data mode: WxH of the made JPEGs, comma-separated (ImageNet is ~500x375)")
     p.add_argument("--images", type=int, default=200, help="data mode: images to decode per measurement")
-    p.add_argument("--budget", type=float, default=480, help="gpu mode: seconds for the whole report (it skips what would not fit)")
-    p.add_argument("--json", default="gpu_report.json", help="gpu mode: where the results go (and the markdown, as .md)")
+    p.add_argument("--budget", type=float, default=480,
+                   help="gpu mode: seconds for the whole report (it skips what would not fit)")
+    p.add_argument("--json", default="gpu_report.json",
+                   help="gpu mode: where the results go (and the markdown, as .md)")
     return p
 
 
@@ -98,8 +106,9 @@ def timm_twin(cfg):
     same way), no other dropout, res-post-norm gains at zero as ours, pooled features (no head)."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2
     heads = [cfg.embed_dim * 2**i // cfg.head_dim for i in range(len(cfg.depths))]
-    return SwinTransformerV2(img_size=cfg.img_size, patch_size=cfg.patch_size, window_size=cfg.window_size, embed_dim=cfg.embed_dim,
-                             depths=cfg.depths, num_heads=heads, num_classes=0, drop_path_rate=cfg.drop_path_rate)
+    return SwinTransformerV2(img_size=cfg.img_size, patch_size=cfg.patch_size, window_size=cfg.window_size,
+                             embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=heads, num_classes=0,
+                             drop_path_rate=cfg.drop_path_rate)
 
 
 def timed(step, args, device):
@@ -116,7 +125,8 @@ def report(label, params, sec, args, device):
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     unit = "ms/step" if device.type == "cuda" else "CPU-ms/step"
     rate = "img/s" if device.type == "cuda" else "img per CPU-s"
-    print(f"{label:>8}: {params / 1e6:.1f}M params, batch {args.batch}, {sec * 1000:.0f} {unit}, {args.batch / sec:.1f} {rate}{mem}", flush=True)
+    print(f"{label:>8}: {params / 1e6:.1f}M params, batch {args.batch}, {sec * 1000:.0f} {unit}, "
+          f"{args.batch / sec:.1f} {rate}{mem}", flush=True)
 
 
 def encoder_step(model, size, args, device, ctx):
@@ -192,13 +202,14 @@ def bench_simmim(encoder, args, device, ctx):
 
 def make_jpegs(folder, w, h, n=20):
     """n JPEGs of w x h at quality 90 in folder/a: a smooth random field plus a luminance grain, so the files
-    are about as large as photos (500x375: ~95 KB, ImageNet's average is ~110 KB) and decode as slowly."""
+    are about as large as photos of that size (ImageNet's average is ~110 KB) and decode as slowly."""
     from PIL import Image
     os.makedirs(os.path.join(folder, "a"))
     rng = np.random.default_rng(0)
     for i in range(n):
         small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0, 12, (h, w, 1))
+        img = (np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32)
+               + rng.normal(0, 12, (h, w, 1)))
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, "a", f"{i}.jpg"), quality=90)
 
 
@@ -214,8 +225,10 @@ def bench_data(args):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     size = args.img_size or 192
-    crop = [data.to_rgb, T.RandomResizedCrop(size, (0.67, 1.0), interpolation=T.InterpolationMode.BILINEAR), T.RandomHorizontalFlip()]
-    pipelines = {"plain": T.Compose(crop + [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]),  # SimMIM's
+    crop = [data.to_rgb, T.RandomResizedCrop(size, (0.67, 1.0), interpolation=T.InterpolationMode.BILINEAR),
+            T.RandomHorizontalFlip()]
+    # "plain" is SimMIM's own (microsoft/Swin-Transformer, data/data_simmim_pt.py)
+    pipelines = {"plain": T.Compose(crop + [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]),
                  "plain uint8": T.Compose(crop + [T.PILToTensor()]), "ours": data.pretrain_transform(size)}
     for jpeg_size in ([None] if args.data else args.jpeg_size.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +237,8 @@ def bench_data(args):
                 make_jpegs(folder, *(int(v) for v in jpeg_size.split("x")))
             dataset = data.open_dataset(folder)
             kb = np.mean([os.path.getsize(os.path.join(dataset.root, name)) for name in dataset.names]) / 1000
-            streams = {name: data.TrainStream(dataset, np.arange(len(dataset)), t, seed=0) for name, t in pipelines.items()}
+            streams = {name: data.TrainStream(dataset, np.arange(len(dataset)), t, seed=0)
+                       for name, t in pipelines.items()}
             best = {name: 0.0 for name in streams}
             for r in range(max(1, args.steps // 2)):
                 for name, stream in (list(streams.items()) if r % 2 == 0 else list(streams.items())[::-1]):
@@ -232,9 +246,11 @@ def bench_data(args):
                     for pos in range(args.images):
                         stream[pos]
                     best[name] = max(best[name], args.images / (time.process_time() - t0))
-            print(f"data: {len(dataset)} JPEGs of {jpeg_size or folder} ({kb:.0f} KB), crop {size}, img per CPU-second: "
+            print(f"data: {len(dataset)} JPEGs of {jpeg_size or folder} ({kb:.0f} KB), crop {size}, "
+                  "img per CPU-second: "
                   + ", ".join(f"{name} {rate:.0f}" for name, rate in best.items())
-                  + f"; ours / plain {best['ours'] / best['plain']:.2f}x (/ plain uint8 {best['ours'] / best['plain uint8']:.2f}x)", flush=True)
+                  + f"; ours / plain {best['ours'] / best['plain']:.2f}x "
+                    f"(/ plain uint8 {best['ours'] / best['plain uint8']:.2f}x)", flush=True)
     torch.set_num_threads(threads)
     return best
 
@@ -253,7 +269,7 @@ GPU_PLAN = dict(
     dense=("S", "B", "L"),      # detect.py's Mask R-CNN at 1024 px, segment.py's UPerNet at 512 px ...
     dense_micro=2,              # ... at 2 images per GPU, their recipes' 16 over 8 GPUs
     compile=("B", "S", "L"),    # near the end: a compilation's length is the least predictable part of the report
-    sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block (issue 13)
+    sdpa=("B", 256),            # its window attention at micro-batch 256: ~0.7 GB of bias gradient per block
     numerics=("B", 16), tiny=(300, 64), finetune=("B", 224, 14),  # tiny: steps, batch
     data=dict(jpeg_size="500x375", images=100),
     timing=dict(warmup=2, seconds=2.0, min_steps=3),  # per img/s row: untimed steps, then ~2 s of timed ones
@@ -263,7 +279,7 @@ GPU_PLAN = dict(
 
 def free(device):
     """Drop what nothing refers to any more, give cached blocks back, and start a new peak (on a GPU: a CPU
-    has no cache to give back, and a full collection takes ~0.3 s in a process that has imported torch)."""
+    has no cache to give back, and a full collection is slow in a process that has imported torch)."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -387,7 +403,8 @@ def size_report(name, device, ctx, plan, time_left):
     try:  # an error other than memory loses this row only: the searches below still run
         while b >= 1 and (sec := run(b, ckpt, plan["timing"])) is None:
             b //= 2
-        out["eager"] = dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b else dict(batch=0)
+        out["eager"] = (dict(grad_ckpt=ckpt, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peaks[ckpt, b]) if b
+                        else dict(batch=0))
     except Exception as e:
         out["eager"] = dict(grad_ckpt=ckpt, batch=0, error=error_line(e))
     for ckpt in (False, True):  # largest_batch keeps what ran before an error
@@ -424,7 +441,8 @@ def compiled_report(name, b, device, ctx, plan):
             return dict(batch=b, oom=True)
         out = dict(batch=b, compile_s=time.perf_counter() - t0)
         sec = attempt(lambda: measure(lambda: step(x, mask), device, **plan["timing"]), device, opt)
-        return dict(out, oom=True) if sec is None else dict(out, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
+        return (dict(out, oom=True) if sec is None
+                else dict(out, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device)))
     finally:
         del step, model, opt  # the compiled graphs refer to the model
         torch.compiler.reset()
@@ -432,7 +450,8 @@ def compiled_report(name, b, device, ctx, plan):
 
 def attention_ops(counter):
     """The attention ops a FlopCounterMode saw: an SDPA kernel's own op, or aten.bmm for the math path."""
-    return sorted(str(op) for op in counter.get_flop_counts()["Global"] if "attention" in str(op) or str(op) == "aten.bmm")
+    return sorted(str(op) for op in counter.get_flop_counts()["Global"]
+                  if "attention" in str(op) or str(op) == "aten.bmm")
 
 
 def sdpa_report(name, b, device, ctx):
@@ -473,7 +492,8 @@ def sdpa_report(name, b, device, ctx):
     res["ops_no_bias_grad"] = attention_ops(counter)
     attn.cpb_mlp.requires_grad_(True)
     res["forced"] = {}
-    for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+    for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -481,7 +501,8 @@ def sdpa_report(name, b, device, ctx):
                     fwd_bwd()
                 verdict = "runs"
             except RuntimeError as e:  # "No available kernel"; the warnings say why
-                why = [str(w.message).split("(Triggered internally")[0].strip() for w in caught] + [str(e).splitlines()[0]]
+                why = ([str(w.message).split("(Triggered internally")[0].strip() for w in caught]
+                       + [str(e).splitlines()[0]])
                 verdict = "fails: " + "; ".join(dict.fromkeys(w for w in why if w))[:300]
         res["forced"][backend.name.lower()] = verdict
     res["bias_grad_gib_expected"] = b * nW * nH * (ws * ws) ** 2 * 2 / 2**30  # (B*nW, nH, N, N) in bf16
@@ -503,17 +524,20 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lamb
                 torch.nn.init.ones_(blk.norm1.weight), torch.nn.init.ones_(blk.norm2.weight)
     model, _ = simmim_parts(encoder, device)
     size = encoder.cfg.img_size
-    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES), data.pretrain_transform(size), seed=0)
+    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES),
+                              data.pretrain_transform(size), seed=0)
     x = data.normalize(torch.stack([stream[i].image for i in range(b)]).to(device))
     _, mask = simmim_batch(encoder.cfg, b, device)
     results = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    for label, precision in (("fp32", contextlib.nullcontext()), ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
+    for label, precision in (("fp32", contextlib.nullcontext()),
+                             ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
         with precision:
             loss = model(x, mask)
         loss.backward()
-        results[label] = loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        results[label] = loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()
+                                                 if p.grad is not None])
         model.zero_grad(set_to_none=True)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
@@ -529,7 +553,8 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lamb
     model, opt = simmim_parts(encoder, device)
     step = train_step(model, opt, ctx)
     size, recipe, B = encoder.cfg.img_size, mim.RECIPES["demo"], tiny_batch
-    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES), data.pretrain_transform(size), seed=0)
+    stream = data.TrainStream(data.open_dataset("synthetic"), np.arange(synthetic.TRAIN_IMAGES),
+                              data.pretrain_transform(size), seed=0)
     masks = mim.MaskGenerator(size, recipe["mask_patch"], 4, 0.6)
     n = 4 * B  # a pool of images to draw the batches from
     pool = data.normalize(torch.stack([stream[i].image for i in range(n)]).to(device))
@@ -548,7 +573,8 @@ def numerics_report(name, b, tiny_steps, tiny_batch, device, ctx, time_left=lamb
         bad += int(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
         losses.append(loss.item())
     k = max(1, min(10, len(losses) // 2))
-    out.update(tiny_steps=len(losses), tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k, tiny_loss_last=sum(losses[-k:]) / k)
+    out.update(tiny_steps=len(losses), tiny_batch=B, tiny_nonfinite=bad, tiny_loss_first=sum(losses[:k]) / k,
+               tiny_loss_last=sum(losses[-k:]) / k)
     return out
 
 
@@ -577,7 +603,8 @@ def finetune_report(name, img_size, window, b, device, ctx, plan):
         x, labels = torch.randn(b, 3, img_size, img_size, device=device), torch.randint(1000, (b,), device=device)
         sec = attempt(lambda: measure(lambda: step(x, labels), device, **plan["timing"]), device, opt)
         if sec is not None:
-            return dict(model=name, img_size=img_size, window=window, batch=b, img_s=b / sec, ms=1000 * sec, peak_gib=peak_gib(device))
+            return dict(model=name, img_size=img_size, window=window, batch=b, img_s=b / sec, ms=1000 * sec,
+                        peak_gib=peak_gib(device))
         x = labels = None
         b //= 2
     return dict(model=name, img_size=img_size, window=window, batch=0)
@@ -607,7 +634,8 @@ def dense_step(task, name, b, device, ctx, grad_ckpt):
     script = importlib.import_module(task)  # detect or segment: imported here, so nothing else needs them
     r = dict(script.RECIPES["paper" if name in swinv2.PAPER_SIZES else "demo"])
     K = dict(detect=80, segment=150)[task]
-    args = script.get_parser().parse_args(["--model", name, "--pretrained", "none"])  # the script's defaults (detect: --heads gn)
+    # the script's defaults (detect: --heads gn)
+    args = script.get_parser().parse_args(["--model", name, "--pretrained", "none"])
     args.grad_ckpt = grad_ckpt
     model, _ = script.build_model(args, r, None, K)
     model = model.to(device).train()
@@ -615,7 +643,8 @@ def dense_step(task, name, b, device, ctx, grad_ckpt):
     S, g = r["img_size" if task == "detect" else "crop"], torch.Generator().manual_seed(0)
     if task == "detect":
         if not hasattr(model.backbone, "autocast"):  # setting it would pass silently, and the row be fp32
-            raise AttributeError("detect.py's backbone has no `autocast`: see how detect.detect sets its mixed precision")
+            raise AttributeError("detect.py's backbone has no `autocast`: "
+                                 "see how detect.detect sets its mixed precision")
         model.backbone.autocast = ctx  # as detect.py: bf16 in the encoder and FPN, fp32 box regression
         images = [torch.rand(3, S, S, generator=g).to(device) for _ in range(b)]
         targets = [{k: v.to(device) for k, v in boxes_and_masks(S, 3, K, g).items()} for _ in range(b)]
@@ -688,21 +717,26 @@ def markdown(R):
     """The report as markdown: a table of training steps, one of micro-batches, then the other checks.
     A phase that failed or was skipped shows as such, never as a number."""
     env, sizes = R["env"], {k[5:]: v for k, v in R.items() if k.startswith("size ") and "error" not in v}
-    lines = [f"GPU report: {env['device']}, {fmt(env['memory_gib'])} GiB, torch {env['torch']}, CUDA {env['cuda']}, autocast "
-             f"{env['autocast']}, {R['elapsed_s']:.0f} s. Peak memory is torch.cuda.max_memory_allocated. MFU: {env['peak_line']}.", "",
-             "| training step (bf16 on a GPU) | micro-batch | img/s | ms/step | peak GiB | GFLOP/img | MFU | compile s |",
+    lines = [f"GPU report: {env['device']}, {fmt(env['memory_gib'])} GiB, torch {env['torch']}, CUDA {env['cuda']}, "
+             f"autocast {env['autocast']}, {R['elapsed_s']:.0f} s. Peak memory is torch.cuda.max_memory_allocated. "
+             f"MFU: {env['peak_line']}.", "",
+             "| training step (bf16 on a GPU) | micro-batch | img/s | ms/step | peak GiB | GFLOP/img | MFU "
+             "| compile s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(label, r, gflop):
         mfu = r.get("img_s") and gflop and env["peak_tflops"] and r["img_s"] * gflop / (env["peak_tflops"] * 1e3)
         label += " (out of memory)" if r.get("oom") else f" (error: {r['error']})" if r.get("error") else ""
-        return (f"| {label} | {r.get('batch') or ('–' if r.get('error') else 'none fits')} | {fmt(r.get('img_s'))} | {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} "
-                f"| {fmt(gflop, '.1f')} | {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
+        return (f"| {label} | {r.get('batch') or ('–' if r.get('error') else 'none fits')} | {fmt(r.get('img_s'))} "
+                f"| {fmt(r.get('ms'))} | {fmt(r.get('peak_gib'), '.1f')} | {fmt(gflop, '.1f')} "
+                f"| {fmt(mfu and 100 * mfu, '.1f')}{' %' if mfu else ''} | {fmt(r.get('compile_s'))} |")
     for name, s in sizes.items():
-        lines.append(row(f"{name} SimMIM, {s['img_size']} px, eager{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}",
+        lines.append(row(f"{name} SimMIM, {s['img_size']} px, eager"
+                         f"{', grad_ckpt' if s['eager'].get('grad_ckpt') else ''}",
                          s["eager"], s["gflop_per_img"]))
         if "error" not in R.get(f"compiled {name}", {"error": 0}):
-            lines.append(row(f"{name} SimMIM, {s['img_size']} px, torch.compile", R[f"compiled {name}"], s["gflop_per_img"]))
+            lines.append(row(f"{name} SimMIM, {s['img_size']} px, torch.compile", R[f"compiled {name}"],
+                             s["gflop_per_img"]))
     for name, d in [(k[6:], v) for k, v in R.items() if k.startswith("dense ")]:  # Mask R-CNN and UPerNet
         for task, what in (("detect", "Mask R-CNN (bf16 backbone)"), ("segment", "UPerNet")):
             if r := d.get(task):
@@ -711,7 +745,8 @@ def markdown(R):
     if "error" not in R.get("finetune", {"error": 0}):
         ft = R["finetune"]
         lines.append(row(f"{ft['model']} fine-tuning, {ft['img_size']} px, window {ft['window']}, eager", ft, None))
-    lines += ["", "| largest micro-batch (eager) | params | no grad_ckpt | grad_ckpt | peak GiB ≈ fixed + per image × b: no ckpt; ckpt |",
+    lines += ["", "| largest micro-batch (eager) | params | no grad_ckpt | grad_ckpt "
+                  "| peak GiB ≈ fixed + per image × b: no ckpt; ckpt |",
               "|---|---:|---:|---:|---|"]
 
     def most(r):
@@ -720,23 +755,29 @@ def markdown(R):
     def linear(r):
         return f"{r['gib_fixed']:.1f} + {r['gib_per_img']:.3f} b" if "gib_per_img" in r else "–"
     for name, s in sizes.items():
-        lines.append(f"| {name}, {s['img_size']} px | {s['params_m']:.0f}M | {most(s['no_ckpt'])} | {most(s['grad_ckpt'])} | {linear(s['no_ckpt'])}; {linear(s['grad_ckpt'])} |")
+        lines.append(f"| {name}, {s['img_size']} px | {s['params_m']:.0f}M | {most(s['no_ckpt'])} "
+                     f"| {most(s['grad_ckpt'])} | {linear(s['no_ckpt'])}; {linear(s['grad_ckpt'])} |")
     lines.append("")
     if "error" not in (n := R.get("numerics", {"error": 0})):
-        lines.append(f"- bf16 vs fp32 (no TF32), SwinV2-{n['model']} at batch {n['batch']}, the same images and weights (post-norm gains "
-                     f"set to 1): loss {n['loss_fp32']:.5f} vs {n['loss_bf16']:.5f}, relative difference {n['loss_rel_diff']:.1e}; "
-                     f"gradient {n['grad_rel_diff']:.1e}. tiny, {n['tiny_steps']} steps of {n['tiny_batch']} in {env['autocast']}: "
+        lines.append(f"- bf16 vs fp32 (no TF32), SwinV2-{n['model']} at batch {n['batch']}, the same images and "
+                     f"weights (post-norm gains set to 1): loss {n['loss_fp32']:.5f} vs {n['loss_bf16']:.5f}, "
+                     f"relative difference {n['loss_rel_diff']:.1e}; gradient {n['grad_rel_diff']:.1e}. "
+                     f"tiny, {n['tiny_steps']} steps of {n['tiny_batch']} in {env['autocast']}: "
                      f"{n['tiny_nonfinite']} non-finite; loss {n['tiny_loss_first']:.3f} -> {n['tiny_loss_last']:.3f}")
     if "error" not in (a := R.get("sdpa", {"error": 0})):
         lines.append(f"- SDPA on our window attention ({a['block']}; a float bias that needs a gradient): ops run "
-                     f"{', '.join(a['default_ops'])}; forced alone: " + "; ".join(f"{k} {v}" for k, v in a["forced"].items()))
-        lines.append(f"- attention-bias gradient: that attention's forward + backward peaks {fmt(a['peak_gib_bias_grad'], '.2f')} GiB above "
-                     f"its inputs with the bias trainable, {fmt(a['peak_gib_no_bias_grad'], '.2f')} GiB with it frozen (ops "
-                     f"{', '.join(a['ops_no_bias_grad'])}); a (B*nW, nH, N, N) bf16 tensor is {a['bias_grad_gib_expected']:.2f} GiB")
+                     f"{', '.join(a['default_ops'])}; forced alone: "
+                     + "; ".join(f"{k} {v}" for k, v in a["forced"].items()))
+        lines.append(f"- attention-bias gradient: that attention's forward + backward peaks "
+                     f"{fmt(a['peak_gib_bias_grad'], '.2f')} GiB above its inputs with the bias trainable, "
+                     f"{fmt(a['peak_gib_no_bias_grad'], '.2f')} GiB with it frozen "
+                     f"(ops {', '.join(a['ops_no_bias_grad'])}); a (B*nW, nH, N, N) bf16 tensor is "
+                     f"{a['bias_grad_gib_expected']:.2f} GiB")
     if "error" not in (d := R.get("data", {"error": 0})):
         lines.append(f"- data pipeline, one worker, pre-training transform of {R['plan']['data']['jpeg_size']} JPEGs: "
                      + ", ".join(f"{k} {v:.0f} img/s" for k, v in d.items()))
-    lines += [f"- {k}: {v[e]}" for k, v in R.items() for e in ("error", "flop_error", "stopped") if isinstance(v, dict) and e in v]
+    lines += [f"- {k}: {v[e]}" for k, v in R.items() for e in ("error", "flop_error", "stopped")
+              if isinstance(v, dict) and e in v]
     lines += [f"- {k}: {v}" for k, v in R["phases"].items() if isinstance(v, str)]  # skipped
     if "in_progress" in R:  # a report that ends with this line stopped there: killed, or its process died
         lines.append(f"- {R['in_progress']}: in progress")
@@ -754,8 +795,10 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as mim.main
     peak, peak_line = peak_tflops(device)
     R = dict(env=dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                      memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
-                      torch=torch.__version__, cuda=torch.version.cuda, autocast=str(ctx.fast_dtype if hasattr(ctx, "fast_dtype") else "float32"),
+                      memory_gib=(torch.cuda.get_device_properties(device).total_memory / 2**30
+                                  if device.type == "cuda" else None),
+                      torch=torch.__version__, cuda=torch.version.cuda,
+                      autocast=str(ctx.fast_dtype if hasattr(ctx, "fast_dtype") else "float32"),
                       peak_tflops=peak, peak_line=peak_line),
              plan=plan, budget_s=budget, phases={}, elapsed_s=0.0)
 
@@ -781,7 +824,8 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
         save()
         print(f"[{time.perf_counter() - start:4.0f} s] {name}: starting, {left():.0f} s left", flush=True)
         t0 = time.perf_counter()
-        threads, tf32 = torch.get_num_threads(), (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        threads, tf32 = torch.get_num_threads(), (torch.backends.cuda.matmul.allow_tf32,
+                                                  torch.backends.cudnn.allow_tf32)
         try:
             R[name] = fn()
         except Exception as e:  # a failing phase must not cost the others: record it, show where, go on
@@ -795,7 +839,8 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
         del R["in_progress"]
         R["phases"][name] = round(time.perf_counter() - t0, 1)
         save()
-        print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]} s {R[name].get('error', '')}", flush=True)
+        print(f"[{time.perf_counter() - start:4.0f} s] {name}: {R['phases'][name]} s {R[name].get('error', '')}",
+              flush=True)
 
     def size(name):  # a size's micro-batch searches get at most `allow` s, leaving ~100 s for what follows
         allow = plan["search_s"] * (1.5 if name in plan["ckpt"] else 1)
@@ -809,15 +854,16 @@ def gpu_report(device, plan=GPU_PLAN, budget=480.0, json_path="gpu_report.json",
 
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     save()  # an unwritable --json fails here, before any work
-    print(f"{R['env']}\ntime budget {budget:.0f} s (--budget): a phase runs only if its estimate fits in the time left; "
-          f"{json_path} and its .md are rewritten after every phase", flush=True)
+    print(f"{R['env']}\ntime budget {budget:.0f} s (--budget): a phase runs only if its estimate fits in the time "
+          f"left; {json_path} and its .md are rewritten after every phase", flush=True)
     for name in plan["sizes"]:
         phase(f"size {name}", plan["search_s"] * (0.75 if name in plan["ckpt"] else 0.5), lambda: size(name))
     for name in plan["dense"]:  # Mask R-CNN and UPerNet: the detection and segmentation scripts' steps
         phase(f"dense {name}", 30, lambda: dense_report(name, plan["dense_micro"], device, ctx, plan, left))
     phase("numerics", 40, lambda: numerics_report(*plan["numerics"], *plan["tiny"], device, ctx, left))
     phase("finetune", 30, lambda: finetune_report(*plan["finetune"], plan["micro"], device, ctx, plan))
-    data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"], "--images", str(plan["data"]["images"])])
+    data_args = get_parser().parse_args(["--what", "data", "--jpeg_size", plan["data"]["jpeg_size"],
+                                         "--images", str(plan["data"]["images"])])
     phase("data", 20, lambda: bench_data(data_args))
     compile_need = 240  # until the first compilation says how long one takes; + 20 s kept for sdpa
     for name in plan["compile"]:
@@ -837,7 +883,8 @@ def main(argv=None):
         try:
             import timm  # noqa: F401
         except ImportError:
-            sys.exit("error: --timm compares with timm's SwinTransformerV2, and timm is not installed: pip install timm")
+            sys.exit("error: --timm compares with timm's SwinTransformerV2, and timm is not installed: "
+                     "pip install timm")
     if args.what == "data":
         return bench_data(args)
     if args.what == "gpu":
@@ -850,9 +897,10 @@ def main(argv=None):
     torch.manual_seed(0)
     encoder = build_encoder(args)
     cfg = encoder.cfg
-    print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads, CPU time'}), "
-          f"autocast {args.dtype}, C={cfg.embed_dim} depths {cfg.depths} at {cfg.img_size} px, windows {cfg.window_sizes}, "
-          f"drop path {cfg.drop_path_rate}{', compiled' if args.compile else ''}{', grad_ckpt' if args.grad_ckpt else ''}", flush=True)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads, CPU time"
+    print(f"{device.type} ({where}), autocast {args.dtype}, C={cfg.embed_dim} depths {cfg.depths} "
+          f"at {cfg.img_size} px, windows {cfg.window_sizes}, drop path {cfg.drop_path_rate}"
+          f"{', compiled' if args.compile else ''}{', grad_ckpt' if args.grad_ckpt else ''}", flush=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats()

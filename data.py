@@ -80,9 +80,11 @@ def split_path(path, split):
     val2018.json). None if it has neither: then the folder itself is the data."""
     if os.path.isdir(os.path.join(path, split)):
         return os.path.join(path, split)
-    found = sorted(f for f in os.listdir(path) if f.startswith(split) and f.endswith(".json")) if os.path.isdir(path) else []
+    found = (sorted(f for f in os.listdir(path) if f.startswith(split) and f.endswith(".json"))
+             if os.path.isdir(path) else [])
     if len(found) > 1:
-        raise ValueError(f"data path {path!r} has several {split}*.json files ({', '.join(found)}): pass the one to use")
+        raise ValueError(f"data path {path!r} has several {split}*.json files ({', '.join(found)}): "
+                         f"pass the one to use")
     return os.path.join(path, found[0]) if found else None
 
 
@@ -94,11 +96,13 @@ def open_dataset(path, split="train"):
         if split not in ("train", "val") or not (n.isdigit() and int(n) > 0 or n == ""):
             raise ValueError(f"data path {path!r}: use 'synthetic' or 'synthetic:N' with N > 0, split train|val")
         import synthetic  # the demo's image set (imported here: it imports this file)
-        return synthetic.SyntheticImages(split, synthetic.VAL_IMAGES if split == "val" else int(n or synthetic.TRAIN_IMAGES))
+        return synthetic.SyntheticImages(split, synthetic.VAL_IMAGES if split == "val"
+                                         else int(n or synthetic.TRAIN_IMAGES))
     if not (os.path.isdir(path) or path.endswith((".txt", ".json")) and os.path.isfile(path)):
         raise FileNotFoundError(f"data path {path!r} is not an existing folder, .txt file list, .json or 'synthetic'")
     path = split_path(path, split) or path
-    ds = read_file_list(path) if path.endswith(".txt") else read_coco_json(path) if path.endswith(".json") else scan_folder(path)
+    ds = (read_file_list(path) if path.endswith(".txt") else read_coco_json(path) if path.endswith(".json")
+          else scan_folder(path))
     if len(ds) == 0:
         raise FileNotFoundError(f"no images found in data path {path!r} (want <class>/<image>{IMG_EXTS[0]} "
                                 f"folders, 'relative/path label' lines or a json with images)")
@@ -167,8 +171,7 @@ def read_manifest(path, names):
 
 # ----------------------------------------------------------------------------- 3. decoding and transforms
 # The transforms return uint8 (3, H, W) tensors: a batch crosses the data loader's shared memory at a
-# quarter of float32's size (micro-batch 256 x prefetch 2 x 8 workers of 192 px: 0.45 GB per GPU, not
-# 1.8 GB), and normalize() makes the model's float input on the device.
+# quarter of float32's size, and normalize() makes the model's float input on the device.
 
 def to_rgb(img):
     """Decode to 3-channel RGB. L, P, CMYK convert as PIL defines; alpha is composited onto the ImageNet
@@ -218,7 +221,8 @@ class PretrainTransform:
         1/4, 1/8) that allows it, and the box is rescaled to cover the same region; e.g. a 2000x1500
         photo cropped to 192 decodes at 1/4 scale: 16x fewer pixels (torchvision.io has no such mode);
       - any other RGB or grey JPEG (ImageNet's typical 500x375): torchvision.io.decode_jpeg, then crop
-        and resize the uint8 tensor (1.7x the plain PIL pipeline's images per CPU-second: bench.py);
+        and resize the uint8 tensor (more images per CPU-second than the plain PIL pipeline: bench.py
+        compares them);
       - the rest (PNG, CMYK, in-memory images): PIL, at full size.
     fast=False decodes every image at full size with PIL: the reference the fast paths are tested against.
     The same box on the same image gives the same crop whichever path runs (to a uint8 level or two, and
@@ -251,7 +255,8 @@ def pretrain_transform(img_size, fast=True):
 
 def val_transform(img_size):
     """Deterministic view for the pre-training validation loss: shorter side to img_size, centre crop."""
-    return T.Compose([to_rgb, T.Resize(img_size, T.InterpolationMode.BILINEAR), T.CenterCrop(img_size), T.PILToTensor()])
+    return T.Compose([to_rgb, T.Resize(img_size, T.InterpolationMode.BILINEAR), T.CenterCrop(img_size),
+                      T.PILToTensor()])
 
 
 # ----------------------------------------------------------------------------- 4. the stream
@@ -397,8 +402,9 @@ def quiet_worker(_):
 
 
 def make_loader(dataset, batch_size, sampler=None, workers=0, shuffle=False, collate_fn=collate):
-    """A DataLoader of Items (or of what collate_fn makes) with the throughput settings. It gets its own generator (so `shuffle` is seeded by 0):
-    DataLoader draws a base seed on every iter(), and from the global RNG that would shift a resumed run.
+    """A DataLoader of Items (or of what collate_fn makes) with the throughput settings. It gets its own
+    generator (so `shuffle` is seeded by 0): DataLoader draws a base seed on every iter(), and from the
+    global RNG that would shift a resumed run.
     Each worker keeps 2 batches ready: enough to hide a slow file, and shared memory stays small."""
     extra = dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=quiet_worker) if workers > 0 else {}
     return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
@@ -414,8 +420,7 @@ class Names:
     blob[offsets[i]:offsets[i + 1] - 1], each name followed by a newline. A Python list of str costs
     ~100 bytes per name and, as every worker touches the objects' reference counts, is copied page by
     page into each forked data-loader worker; this costs the name's UTF-8 bytes + 9, and reads do not
-    write to it (measured on a 2M-line list of ImageNet-22K names, with the labels: 47 bytes per image
-    against 128; for IN-22K's 14M images, 0.66 GB per process instead of 1.8 GB)."""
+    write to it, so the workers share its pages with the training process."""
     def __init__(self, blob, offsets):
         self.blob, self.offsets = blob, offsets  # (total bytes,) uint8, (n + 1,) int64
 
@@ -452,8 +457,8 @@ class Names:
 def read_file_list(path):
     """Lines 'relative/path label' (paths relative to the list's folder; a path may contain spaces, the
     label is the last word): ImageNet-22K's usual format, because scanning 14M files on every start takes
-    longer than reading one text file. One pass, ~0.5 us per line, that appends each name to one byte
-    array and each label to one int64 array: no Python object per line survives the loop."""
+    longer than reading one text file. One pass that appends each name to one byte array and each label
+    to one int64 array: no Python object per line survives the loop."""
     blob, ends, labels = bytearray(), array.array("q", [0]), array.array("q")
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -461,10 +466,12 @@ def read_file_list(path):
             if not parts:
                 continue  # a blank line
             if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line.strip().decode(errors='replace')!r}")
+                raise ValueError(f"{path}:{n}: expected 'relative/path label', "
+                                 f"got {line.strip().decode(errors='replace')!r}")
             label = int(parts[1]) if len(parts[1]) <= 12 else MAX_CLASSES  # a longer number is too large anyway
             if label >= MAX_CLASSES:  # a malformed list, whose classes would exhaust the memory
-                raise ValueError(f"{path}:{n}: labels are class indices below {MAX_CLASSES:,}, got {parts[1].decode()[:40]}")
+                raise ValueError(f"{path}:{n}: labels are class indices below {MAX_CLASSES:,}, "
+                                 f"got {parts[1].decode()[:40]}")
             blob += parts[0].lstrip() + b"\n"
             ends.append(len(blob))
             labels.append(label)
@@ -490,10 +497,12 @@ def read_coco_json(path):
         ann_category = np.array([a["category_id"] for a in d["annotations"]], np.int64)
         categories = [c["id"] for c in d.get("categories", [])]
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: an image needs 'id' and 'file_name', an annotation 'image_id' and 'category_id' ({e!r})") from None
+        raise ValueError(f"{path}: an image needs 'id' and 'file_name', an annotation 'image_id' and "
+                         f"'category_id' ({e!r})") from None
     del d
     if len(ann_image) != len(image_ids) or len(np.unique(ann_image)) != len(ann_image):
-        raise ValueError(f"{path}: {len(ann_image)} annotations for {len(image_ids)} images; a classification set has one per image")
+        raise ValueError(f"{path}: {len(ann_image)} annotations for {len(image_ids)} images; "
+                         f"a classification set has one per image")
     order = np.argsort(ann_image)  # image k's annotation: look its id up among the sorted annotation ids
     ann = order[np.searchsorted(ann_image, image_ids, sorter=order).clip(max=len(order) - 1)]
     if np.any(ann_image[ann] != image_ids):
@@ -501,7 +510,8 @@ def read_coco_json(path):
     category_ids = np.unique(categories if categories else ann_category)  # sorted: label = position
     label = np.searchsorted(category_ids, ann_category[ann]).clip(max=len(category_ids) - 1)
     if np.any(category_ids[label] != ann_category[ann]):
-        raise ValueError(f"{path}: category_id {ann_category[ann][category_ids[label] != ann_category[ann]][0]} is not among its categories")
+        raise ValueError(f"{path}: category_id {ann_category[ann][category_ids[label] != ann_category[ann]][0]} "
+                         f"is not among its categories")
     return ImageFiles(os.path.dirname(os.path.abspath(path)), names, label, [str(c) for c in category_ids])
 
 
@@ -509,11 +519,12 @@ def read_coco_json(path):
 # ----------------------------------------------------------------------------- fine-tuning augmentation
 # RandAugment as the official fine-tuning runs it: timm's 'rand-m9-mstd0.5-inc1' (the RandAugment of
 # Cubuk et al. 2020 as timm implements it), built here from torchvision's functional ops on PIL images,
-# which give timm's pixels (exactly; shear and translate to a rare uint8 rounding). Per image: 2 ops drawn (with replacement) from the 15 below; each is
-# applied with probability 0.5, at a magnitude m ~ N(9, 0.5) clipped to [0, 10], which the op receives
-# as t = m / 10 of its strongest setting; s = +1 or -1 (probability 0.5 each) picks the direction of
-# the ops that have one. 'inc1': ops whose effect grows with t (Posterize keeps fewer bits, Solarize
-# inverts from a lower threshold). Geometric ops resample bicubic and fill with the ImageNet mean colour.
+# which give timm's pixels (exactly; shear and translate to a rare uint8 rounding). Per image: 2 ops
+# drawn (with replacement) from the 15 below; each is applied with probability 0.5, at a magnitude
+# m ~ N(9, 0.5) clipped to [0, 10], which the op receives as t = m / 10 of its strongest setting; s = +1
+# or -1 (probability 0.5 each) picks the direction of the ops that have one. 'inc1': ops whose effect
+# grows with t (Posterize keeps fewer bits, Solarize inverts from a lower threshold). Geometric ops
+# resample bicubic and fill with the ImageNet mean colour.
 # (torchvision's RandAugment(2, 9) applies both ops always, at 9 of 31 bins: Rotate 9 degrees, not 27.)
 FILL = [round(255 * m) for m in IMAGENET_MEAN]  # (124, 116, 104)
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -532,7 +543,8 @@ def _solarize_add(img, add):
 
 def _shear(img, x, y):
     """Shear by the factors x, y about the top-left corner (torchvision takes the angle atan(factor))."""
-    return F.affine(img, 0, [0, 0], 1, [math.degrees(math.atan(x)), math.degrees(math.atan(y))], BICUBIC, FILL, center=[0, 0])
+    return F.affine(img, 0, [0, 0], 1, [math.degrees(math.atan(x)), math.degrees(math.atan(y))], BICUBIC, FILL,
+                    center=[0, 0])
 
 
 RAND_OPS = {  # name: f(PIL image, t in [0, 1], s = +-1), the strongest setting at t = 1
@@ -549,7 +561,8 @@ RAND_OPS = {  # name: f(PIL image, t in [0, 1], s = +-1), the strongest setting 
     "SharpnessIncreasing": lambda img, t, s: F.adjust_sharpness(img, 1 + s * 0.9 * t),
     "ShearX": lambda img, t, s: _shear(img, s * 0.3 * t, 0),  # factor +-0.3
     "ShearY": lambda img, t, s: _shear(img, 0, s * 0.3 * t),
-    "TranslateXRel": lambda img, t, s: F.affine(img, 0, [-s * 0.45 * t * img.width, 0], 1, [0, 0], BICUBIC, FILL),  # +-45 %
+    # the two translations: +-45 % of the image's width, of its height
+    "TranslateXRel": lambda img, t, s: F.affine(img, 0, [-s * 0.45 * t * img.width, 0], 1, [0, 0], BICUBIC, FILL),
     "TranslateYRel": lambda img, t, s: F.affine(img, 0, [0, -s * 0.45 * t * img.height], 1, [0, 0], BICUBIC, FILL),
 }
 
@@ -557,7 +570,8 @@ RAND_OPS = {  # name: f(PIL image, t in [0, 1], s = +-1), the strongest setting 
 class RandAugment:
     """timm's rand-m9-mstd0.5-inc1 with the defaults; `ops` restricts the op list (the tests use it)."""
     def __init__(self, layers=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, ops=tuple(RAND_OPS)):
-        self.layers, self.magnitude, self.magnitude_std, self.prob, self.ops = layers, magnitude, magnitude_std, prob, list(ops)
+        self.layers, self.magnitude, self.magnitude_std = layers, magnitude, magnitude_std
+        self.prob, self.ops = prob, list(ops)
 
     def __call__(self, img):
         for k in torch.randint(len(self.ops), (self.layers,)).tolist():
@@ -577,11 +591,12 @@ def finetune_transform(img_size, train, aug="paper"):
     tensor: the erasing noise lives in normalised space (values of +-3 std are pixels outside 0..255), so it
     cannot travel as uint8; every other view returns uint8, normalised on the device by normalize()."""
     if not train:
-        return T.Compose([to_rgb, T.Resize(int(256 / 224 * img_size), BICUBIC), T.CenterCrop(img_size), T.PILToTensor()])
+        return T.Compose([to_rgb, T.Resize(int(256 / 224 * img_size), BICUBIC), T.CenterCrop(img_size),
+                          T.PILToTensor()])
     if aug == "light":
         return T.Compose([to_rgb, T.RandomResizedCrop(img_size, (0.35, 1.0), interpolation=BICUBIC),
                           T.RandomHorizontalFlip(), T.PILToTensor()])
-    return T.Compose([to_rgb, T.RandomResizedCrop(img_size, (0.08, 1.0), interpolation=BICUBIC), T.RandomHorizontalFlip(),
-                      RandAugment(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    return T.Compose([to_rgb, T.RandomResizedCrop(img_size, (0.08, 1.0), interpolation=BICUBIC),
+                      T.RandomHorizontalFlip(), RandAugment(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                       T.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
 

@@ -2,9 +2,11 @@
 COCO object detection and instance segmentation from a (SimMIM-pre-trained) SwinV2 encoder: two of the
 five downstream metrics of "On Data Scaling in Masked Image Modeling" (arXiv 2206.04664: the box AP and mask
 AP of S/B/L on COCO follow the ImageNet trends). The paper published no detection recipe; we adopt the
-closest published ones (reference/downstream.md): torchvision's Mask R-CNN with an FPN over the encoder's
-four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per 16 images, layer-wise decay
-0.9, drop path 0.2, 36 epochs with x0.1 at epochs 27 and 33, and COCO AP from pycocotools' COCOeval.
+closest published ones (the appendices of the SwinV2 paper, arXiv 2111.09883, and of the SimMIM paper, arXiv
+2111.09886; detectron2; torchvision's maskrcnn_resnet50_fpn_v2 documentation): torchvision's Mask R-CNN with
+an FPN over the encoder's four stage maps, large-scale jitter to a fixed 1024 x 1024 input, AdamW 1e-4 per 16
+images, layer-wise decay 0.9, drop path 0.2, 36 epochs with x0.1 at epochs 27 and 33, and COCO AP from
+pycocotools' COCOeval.
 
 What this file teaches, in reading order:
   the recipe -> the backbone torchvision's detectors expect (swinv2.forward_pyramid -> FPN) -> Mask R-CNN
@@ -75,7 +77,7 @@ class SwinFPN(nn.Module):
         self.encoder, self.out_channels = encoder, channels
         dims = [encoder.cfg.embed_dim * 2**i for i in range(len(encoder.cfg.depths))]
         self.fpn = FeaturePyramidNetwork(dims, channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm)
-        self.autocast = contextlib.nullcontext()  # detect() sets train.autocast(...): bf16 on GPUs
+        self.autocast = contextlib.nullcontext()  # main() sets train.autocast(...): bf16 on GPUs
 
     def forward(self, x):
         # Mixed precision stops here: the heads after it decode boxes from anchors and regress towards the
@@ -110,18 +112,21 @@ class Detector(MaskRCNN):
         norm = group_norm if heads == "gn" else None
         fpn = SwinFPN(encoder, C, norm)
         if heads == "gn":  # RPNHead(C, 3): 3 anchors per location (torchvision's default aspect ratios 0.5, 1, 2)
-            kw = dict(rpn_head=RPNHead(C, 3, conv_depth=2), box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [4 * C], norm_layer=norm))
+            kw = dict(rpn_head=RPNHead(C, 3, conv_depth=2),
+                      box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [4 * C], norm_layer=norm))
         else:
             kw = dict(box_head=TwoMLPHead(C * 7 * 7, 4 * C))
         super().__init__(fpn, min_size=img_size, max_size=img_size, size_divisible=img_size,
                          image_mean=list(data.IMAGENET_MEAN), image_std=list(data.IMAGENET_STD),
-                         box_predictor=FastRCNNPredictor(4 * C, K), mask_head=MaskRCNNHeads(C, (C,) * 4, 1, norm_layer=norm),
+                         box_predictor=FastRCNNPredictor(4 * C, K),
+                         mask_head=MaskRCNNHeads(C, (C,) * 4, 1, norm_layer=norm),
                          mask_predictor=MaskRCNNPredictor(C, C, K), box_batch_size_per_image=rois, **kw)
         self.cfg = encoder.cfg
 
     def layer_id(self, name):
         prefix = "backbone.encoder."
-        return self.backbone.encoder.layer_id(name[len(prefix):]) if name.startswith(prefix) else sum(self.cfg.depths) + 1
+        return (self.backbone.encoder.layer_id(name[len(prefix):]) if name.startswith(prefix)
+                else sum(self.cfg.depths) + 1)
 
 
 def build_model(args, r, ckpt, num_classes):
@@ -146,8 +151,8 @@ class CocoIndex(torch.utils.data.Dataset):
     """A COCO annotation file as flat numpy arrays, and its images. Item i is (uint8 image (3, H, W), target), target
     = {boxes (N, 4) XYXY float32 as annotated, masks (N, H, W) uint8 as pycocotools' annToMask, labels (N,) int64}.
     Why not pycocotools' COCO object (or torchvision's CocoDetection on it): for train2017 (118K images, 860K
-    polygons) it is ~2 GB of Python objects per process, which every data-loader worker copies page by page as it
-    reads (reference counts and the garbage collector write to each object they visit). Here the json's objects
+    polygons) it is millions of Python objects per process, which every data-loader worker copies page by page as
+    it reads (reference counts and the garbage collector write to each object they visit). Here the json's objects
     live only while the index is built; what stays is per image its file name (data.Names), id, size and first
     annotation, per annotation its box, label, crowd flag, and polygons (all coordinates in one float64 array, as
     pycocotools rasterises the json's doubles) or RLE (compressed), and reading writes to none of it (detectron2
@@ -162,7 +167,8 @@ class CocoIndex(torch.utils.data.Dataset):
         # Mask R-CNN trains on masks: a detection-only json (boxes, no polygons) is refused before any work
         bare = next((a["id"] for a in anns if "segmentation" not in a), None)
         if bare is not None:
-            raise ValueError(f"{path or 'annotations'}: annotation id {bare} has no 'segmentation' (boxes only); Mask R-CNN needs instance masks")
+            raise ValueError(f"{path or 'annotations'}: annotation id {bare} has no 'segmentation' (boxes only); "
+                             "Mask R-CNN needs instance masks")
         self.root, self.source = root, path or d  # what .coco is built from: the json file, else the dict itself
         self.cat_ids = sorted(c["id"] for c in d["categories"])
         self.classes = [c["name"] for c in sorted(d["categories"], key=lambda c: c["id"])]
@@ -211,7 +217,8 @@ class CocoIndex(torch.utils.data.Dataset):
         anns = [k for k in range(self.first[i], self.first[i + 1]) if not self.crowd[k]]
         masks = np.zeros((len(anns), H, W), np.uint8)
         for n, k in enumerate(anns):
-            polygons = [self.coords[self.ends[p]:self.ends[p + 1]].tolist() for p in range(self.polys[k], self.polys[k + 1])]
+            polygons = [self.coords[self.ends[p]:self.ends[p + 1]].tolist()
+                        for p in range(self.polys[k], self.polys[k + 1])]
             if self.which[k] >= 0:
                 masks[n] = mask_util.decode(dict(size=[H, W], counts=self.rle[self.which[k]].encode()))
             elif polygons:  # as annToMask; no segmentation at all leaves the mask empty (the jitter drops it)
@@ -219,12 +226,14 @@ class CocoIndex(torch.utils.data.Dataset):
         anns = np.array(anns, np.int64)
         boxes = self.boxes[anns].copy()
         boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
-        return dict(boxes=torch.from_numpy(boxes), masks=torch.from_numpy(masks), labels=torch.from_numpy(self.labels[anns]))
+        return dict(boxes=torch.from_numpy(boxes), masks=torch.from_numpy(masks),
+                    labels=torch.from_numpy(self.labels[anns]))
 
     def __getitem__(self, i):
         image, target = self.image(i), self.target(i)
         if image.shape[1:] != target["masks"].shape[1:]:
-            raise ValueError(f"{self.names[i]} is {image.shape[2]} x {image.shape[1]}, its annotations {target['masks'].shape[2]} x {target['masks'].shape[1]}")
+            raise ValueError(f"{self.names[i]} is {image.shape[2]} x {image.shape[1]}, "
+                             f"its annotations {target['masks'].shape[2]} x {target['masks'].shape[1]}")
         return image, target
 
     @functools.cached_property
@@ -240,7 +249,8 @@ def positions(keys, values, what, path):
     """The position in `keys` of each value (ids -> rows); a value not among them is an error naming it."""
     keys, values = np.asarray(keys, np.int64), np.asarray(values, np.int64)
     order = np.argsort(keys)
-    at = order[np.searchsorted(keys, values, sorter=order).clip(max=len(keys) - 1)] if len(keys) else np.zeros(0, np.int64)
+    at = (order[np.searchsorted(keys, values, sorter=order).clip(max=len(keys) - 1)] if len(keys)
+          else np.zeros(0, np.int64))
     wrong = values[keys[at] != values] if len(keys) else values
     if len(wrong):
         raise ValueError(f"{path or 'annotations'}: an annotation's {what} {wrong[0]} is not in the json's list")
@@ -249,7 +259,8 @@ def positions(keys, values, what, path):
 
 def rle_counts(segmentation, h, w):
     """An RLE segmentation's compressed counts, str (pycocotools compresses an uncompressed one)."""
-    counts = mask_util.frPyObjects(segmentation, h, w)["counts"] if isinstance(segmentation["counts"], list) else segmentation["counts"]
+    counts = (mask_util.frPyObjects(segmentation, h, w)["counts"] if isinstance(segmentation["counts"], list)
+              else segmentation["counts"])
     return counts.decode() if isinstance(counts, bytes) else counts
 
 
@@ -264,11 +275,13 @@ class SyntheticCoco(CocoIndex):
         for i in range(len(images)):
             for cls, m in images.scene(i)[2]:  # never an empty mask: data.py leaves hidden copies out
                 rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask_util.area(rle)),
-                                 bbox=mask_util.toBbox(rle).tolist(), segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
+                anns.append(dict(id=len(anns) + 1, image_id=i, category_id=cls + 1, iscrowd=0,
+                                 area=float(mask_util.area(rle)), bbox=mask_util.toBbox(rle).tolist(),
+                                 segmentation=dict(size=rle["size"], counts=rle["counts"].decode())))
         S = synthetic.SIZE
         super().__init__(dict(images=[dict(id=i, width=S, height=S, file_name=str(i)) for i in range(len(images))],
-                              annotations=anns, categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]), root="")
+                              annotations=anns,
+                              categories=[dict(id=k + 1, name=c) for k, c in enumerate(images.classes)]), root="")
         self.images = images
 
     def open(self, i):
@@ -291,9 +304,10 @@ def open_coco(path, split):
         return SyntheticCoco(data.open_dataset(path, split))
     ann, images = os.path.join(path, "annotations", f"instances_{split}2017.json"), os.path.join(path, f"{split}2017")
     if not (os.path.isfile(ann) and os.path.isdir(images)):
-        raise FileNotFoundError(f"--data {path}: no annotations/instances_{split}2017.json and {split}2017/ (want COCO as released, or 'synthetic[:N]')")
+        raise FileNotFoundError(f"--data {path}: no annotations/instances_{split}2017.json and {split}2017/ "
+                                "(want COCO as released, or 'synthetic[:N]')")
     # json.load makes millions of lists and dicts, which the garbage collector would go through again and again as
-    # they pile up (half the load time of train2017); they hold no cycles, so nothing is missed
+    # they pile up, slowing the load of train2017; they hold no cycles, so nothing is missed
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -314,11 +328,12 @@ def jitter(image, target, size, scale, offset, flip):
     """Large-scale jitter (Ghiasi et al. 2021) of one image, its random draws given: `flip` it; resize by `scale` x
     the factor that fits it in the size x size square (bilinear, antialiased; rounded as detectron2's ResizeScale);
     where larger than the square, crop at `offset` (fractions of the room in y, x); where smaller, pad bottom-right
-    with the mean colour (it normalises to 0, as evaluation's padding), as detectron2's FixedSizeCrop. Then each box
-    is recomputed from its cropped mask (detectron2's recompute_boxes, mmdetection's RandomCrop(recompute_bbox=True)):
-    a box clamped to the crop keeps the width of an L-shaped object cut to its vertical bar. An instance whose mask
-    is empty (cropped away, too small, degenerate in the annotations) is dropped (mmdetection's FilterAnnotations).
-    Returns (uint8 (3, size, size), {boxes (N', 4) XYXY float32, mask_bits (N', size, ceil(size / 8)), labels (N',)})."""
+    with the mean colour (it normalises to 0, as evaluation's padding), as detectron2's FixedSizeCrop. Then each
+    box is recomputed from its cropped mask (detectron2's recompute_boxes, mmdetection's
+    RandomCrop(recompute_bbox=True)): a box clamped to the crop keeps the width of an L-shaped object cut to its
+    vertical bar. An instance whose mask is empty (cropped away, too small, degenerate in the annotations) is
+    dropped (mmdetection's FilterAnnotations). Returns (uint8 (3, size, size), {boxes (N', 4) XYXY float32,
+    mask_bits (N', size, ceil(size / 8)), labels (N',)})."""
     masks = target["masks"]  # (N, H, W) uint8
     if flip:
         image, masks = image.flip(-1), masks.flip(-1)
@@ -385,7 +400,8 @@ class PairStream(data.TrainStream):
     def __getitem__(self, pos):
         for bad in range(data.MAX_BAD):
             with torch.random.fork_rng(devices=[]):  # the seeding of data.TrainStream
-                torch.default_generator.manual_seed(int(np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)))
+                torch.default_generator.manual_seed(
+                    int(np.random.default_rng([self.seed, 1, pos + bad]).integers(2**62)))
                 try:
                     image, target = self.transform(*self.dataset[self.index(pos + bad)])
                 except data.READ_ERRORS:
@@ -503,7 +519,8 @@ def save_pictures(path, model, index, indices, names, device, n=4, min_score=0.3
     for k in indices[:n]:
         image = index.image(int(k))  # (3, H, W) uint8
         pred = model(model_input([image], device))[0]
-        keep = (pred["scores"] >= min_score) & (torch.arange(len(pred["scores"]), device=device) < top)  # sorted by score
+        # the predictions come sorted by score
+        keep = (pred["scores"] >= min_score) & (torch.arange(len(pred["scores"]), device=device) < top)
         boxes = tv_tensors.BoundingBoxes(pred["boxes"][keep].float().cpu(), format="XYXY", canvas_size=image.shape[-2:])
         masks = tv_tensors.Mask(pred["masks"][keep, 0].float().cpu() > 0.5)
         image, boxes, masks = v2.Resize(None, max_size=size)(image, boxes, masks)  # one geometry for all three
@@ -523,60 +540,100 @@ def save_pictures(path, model, index, indices, names, device, n=4, min_score=0.3
 
 
 def get_parser():
-    p = train.Parser(prog="detect.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and instance segmentation (Mask R-CNN + FPN)")
+    p = train.Parser(prog="detect.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for COCO detection and "
+                                                   "instance segmentation (Mask R-CNN + FPN)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
-    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
-    g.add_argument("--img_size", type=train.count, default=None, help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; cpu 128)")
-    g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's detection window; cpu 4)")
-    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; cpu 0.1)")
-    g.add_argument("--fpn_channels", type=train.count, default=None, help="FPN width C (box head fc 4C, its convs and the mask head C); default 256 (FPN paper, torchvision; cpu 32)")
+    g.add_argument("--model", type=train.model_name, default="B",
+                   help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True,
+                   help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true",
+                   help="accept a --pretrained run that has not reached its end (no summary.json)")
+    g.add_argument("--img_size", type=train.count, default=None,
+                   help="side of the square input; default 1024 (LSJ, SimMIM Swin-B Mask R-CNN config; tiny 128)")
+    g.add_argument("--window", type=train.count, default=None,
+                   help="attention window; default 16 (SwinV2 paper's detection window; tiny 4)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None,
+                   help="stochastic depth rate; default 0.2 (SimMIM Swin-B Mask R-CNN config; tiny 0.1)")
+    g.add_argument("--fpn_channels", type=train.count, default=None,
+                   help="FPN width C (box head fc 4C, its convs and the mask head C); default 256 (FPN paper, "
+                        "torchvision; tiny 32)")
     g.add_argument("--heads", default="gn", choices=["gn", "plain"],
-                   help="default gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, 4-conv mask) with GroupNorm "
-                        "(32 groups; Wu & He 2018, detectron2's GN Mask R-CNN) in them and the FPN, on GPUs and CPUs alike: batch-independent, "
-                        "where mmdetection's LSJ baseline needs SyncBN; plain: torchvision's original heads, no normalisation")
-    g.add_argument("--rois", type=train.count, default=None, help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; cpu 64)")
+                   help="default gn: torchvision's maskrcnn_resnet50_fpn_v2 heads (2-conv RPN, 4conv-1fc box, "
+                        "4-conv mask) with GroupNorm (32 groups; Wu & He 2018, detectron2's GN Mask R-CNN) in them "
+                        "and the FPN, on GPUs and CPUs alike: batch-independent, where mmdetection's LSJ baseline "
+                        "needs SyncBN; plain: torchvision's original heads, no normalisation")
+    g.add_argument("--rois", type=train.count, default=None,
+                   help="RoIs sampled per image for the box head; default 512 (torchvision, detectron2; tiny 64)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/coco", help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) or 'synthetic[:N]'")
-    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of val2017)")
+    g.add_argument("--data", default="data/coco",
+                   help="a COCO folder as released (annotations/instances_{train,val}2017.json, {train,val}2017/) "
+                        "or 'synthetic[:N]'")
+    g.add_argument("--val_images", type=train.natural, default=0,
+                   help="evaluate a fixed subset of this many validation images; 0 = all (COCO: the 5000 of "
+                        "val2017)")
     g.add_argument("--jitter", type=train.positive, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 (Ghiasi et al. 2021, LSJ; cpu 0.5 1.5)")
-    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+                   help="large-scale jitter: scale range relative to fitting the square; default 0.1 2.0 "
+                        "(Ghiasi et al. 2021, LSJ; tiny 0.5 1.5)")
+    g.add_argument("--workers", type=train.natural, default=None,
+                   help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=train.count, default=None, help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; cpu 3)")
-    g.add_argument("--milestones", type=train.positive, nargs="*", default=None, help="epochs after which the LR drops x0.1; default 27/36 and 33/36 of --epochs (27 33 of the 3x schedule; cpu 2.5 of 3)")
-    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's mmdetection configs use 500; cpu 25), at most a quarter of the run")
-    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 16 (SwinV2 paper appendix; cpu 8)")
-    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=train.positive, default=None, help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; cpu 2e-3)")
-    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; cpu 1)")
-    g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
-    g.add_argument("--clip_grad", type=train.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: grad_clip None)")
-    g.add_argument("--seed", type=train.natural, default=0, help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
+    g.add_argument("--epochs", type=train.count, default=None,
+                   help="training epochs; default 36 (the 3x schedule of SwinV2/SimMIM detection; tiny 3)")
+    g.add_argument("--milestones", type=train.positive, nargs="*", default=None,
+                   help="epochs after which the LR drops x0.1; default 27/36 and 33/36 of --epochs (27 33 of the "
+                        "3x schedule; tiny 2.5 of 3)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None,
+                   help="linear warmup steps from 0.001 x the LR; default 1000 (detectron2's default; Swin's "
+                        "mmdetection configs use 500; tiny 25), at most a quarter of the run")
+    g.add_argument("--batch_size", type=train.count, default=None,
+                   help="global batch in images; default 16 (SwinV2 paper appendix; tiny 8)")
+    g.add_argument("--micro_batch", type=train.count, default=None,
+                   help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None,
+                   help="peak AdamW LR per 16 images, scaled by batch/16; default 1e-4 (SwinV2 paper appendix; "
+                        "cpu 2e-3)")
+    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None,
+                   help="layer-wise LR decay, 1 = off; default 0.9 (SimMIM detection config; tiny 1)")
+    g.add_argument("--weight_decay", type=train.non_negative, default=0.05,
+                   help="AdamW weight decay (SwinV2 paper appendix: 0.05)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=0.0,
+                   help="max gradient norm, 0 = no clipping (Swin-Transformer-Object-Detection configs: "
+                        "grad_clip None)")
+    g.add_argument("--seed", type=train.natural, default=0,
+                   help="seed of the new layers, data order, augmentation, RoI sampling, drop path")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=train.natural, default=0, help="epochs between evaluations; 0 = at the end only (detectron2's default)")
+    g.add_argument("--out_dir", default=None,
+                   help="run directory; default out/det_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--eval_every", type=train.natural, default=0,
+                   help="epochs between evaluations; 0 = at the end only (detectron2's default)")
     g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (cpu 10)")
-    g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (cpu 50)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
+    g.add_argument("--save_every", type=train.count, default=None,
+                   help="steps between checkpoints; default 1000 (cpu 50)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
-    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
+    g.add_argument("--dist_timeout", type=train.count, default=60,
+                   help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
+                        "default 60")
     return p
 
 
-# The flags a preset decides: downstream.md's COCO recipe for S..g; for nano and tiny a CPU-minutes recipe on
-# the 96 px synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and
-# fewer sampled RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (after one epoch, 250 steps,
-# box AP was 4-5 and no detection scored above 0.5).
+# The flags a preset decides: for S..g the COCO recipe (the appendices of the SwinV2 paper, arXiv 2111.09883, and
+# of the SimMIM paper, arXiv 2111.09886; detectron2's warmup); for nano and tiny a CPU-minutes recipe on the 96 px
+# synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and fewer sampled
+# RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (a single epoch leaves the detections weak).
 RECIPES = {
     "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
-                  milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50, save_every=1000),
+                  milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50,
+                  save_every=1000),
     "demo": dict(img_size=128, window=4, drop_path=0.1, fpn_channels=32, rois=64, jitter=(0.5, 1.5), epochs=3,
-                milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10, save_every=50),
+                milestones=(2.5,), warmup_iters=25, batch_size=8, lr=2e-3, layer_decay=1.0, log_every=10,
+                save_every=50),
 }
-FREE = train.FREE | {"allow_unfinished", "val_images"}  # the evaluation subset is a measurement choice, not part of training
+# the evaluation subset is a measurement choice, not part of training
+FREE = train.FREE | {"allow_unfinished", "val_images"}
 
 
 def resolve(args, world_size):
@@ -584,12 +641,14 @@ def resolve(args, world_size):
     Raises ValueError with a one-line message naming the flag. (Steps per epoch need the data: see steps.)"""
     recipe = RECIPES["paper" if args.model in swinv2.PAPER_SIZES else "demo"]
     r = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
-    if args.milestones is None:  # the recipe's fractions of the run (27/36 and 33/36 of the 3x schedule), whatever --epochs
+    # the recipe's fractions of the run (27/36 and 33/36 of the 3x schedule), whatever --epochs
+    if args.milestones is None:
         r["milestones"] = tuple(m * r["epochs"] / recipe["epochs"] for m in recipe["milestones"])
     r["milestones"], r["jitter"] = tuple(r["milestones"]), tuple(r["jitter"])
     r["warmup_default"] = args.warmup_iters is None  # capped to the run's length in steps()
     if list(r["milestones"]) != sorted(r["milestones"]) or not all(m <= r["epochs"] for m in r["milestones"]):
-        raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs in (0, {r['epochs']}] (--epochs)")
+        raise ValueError(f"--milestones {' '.join(f'{m:g}' for m in r['milestones'])} must be increasing epochs "
+                         f"in (0, {r['epochs']}] (--epochs)")
     if r["jitter"][0] > r["jitter"][1]:
         raise ValueError(f"--jitter {r['jitter'][0]:g} {r['jitter'][1]:g}: MIN is larger than MAX")
     B = r["batch_size"]
@@ -617,7 +676,8 @@ def steps(r, n_train, eval_every):
     if r.pop("warmup_default"):  # a short run needs no restated schedule: at most a quarter of it warms up
         r["warmup_iters"] = min(r["warmup_iters"], r["iters"] // 4)
     elif r["warmup_iters"] >= r["iters"]:
-        raise ValueError(f"--warmup_iters {r['warmup_iters']} must be shorter than the run's {r['iters']} steps (--epochs {r['epochs']})")
+        raise ValueError(f"--warmup_iters {r['warmup_iters']} must be shorter than the run's {r['iters']} steps "
+                         f"(--epochs {r['epochs']})")
     return r
 
 
@@ -684,7 +744,8 @@ def main(argv=None):
                f"square, windows {model.cfg.window_sizes} over pre-trained {model.cfg.pretrained_window_sizes}, "
                f"{K} classes")
         finetune.print_pretrained(p, missing)
-        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x "
+               f"{r['accum']} accumulation")
         print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = "
                f"{r['iters']} steps, x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; "
                f"jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
@@ -712,8 +773,9 @@ def main(argv=None):
             return done["coco_eval"]
         if master:
             train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
-                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
-                                                        task=r["task"], steps_per_epoch=r["epoch_steps"],
+                                                        world_size=world, micro_batch=r["micro_batch"],
+                                                        accum=r["accum"], task=r["task"],
+                                                        steps_per_epoch=r["epoch_steps"],
                                                         iters=r["iters"], classes=train_set.classes,
                                                         torch=str(torch.__version__)))
 

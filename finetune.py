@@ -10,7 +10,8 @@ presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light
     python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, a minute
     python finetune.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc_per_node 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
-    torchrun --nproc_per_node 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k  # its train/val2018.json
+    # iNaturalist 2018: data/inat2018 holds its train2018.json and val2018.json
+    torchrun --nproc_per_node 8 finetune.py --model B --data data/inat2018 --pretrained out/B_frac0.5_125k
     python finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k --eval_only
 
 The recipe counts epochs (of N // batch steps), but the loop runs steps on data.py's stream, so resume
@@ -38,14 +39,16 @@ def pretrained_name(path):
     """--pretrained -> the name of the pre-training in default run directories: its run directory's name,
     the checkpoint file's name, or 'scratch'."""
     src = path.rstrip("/")
-    src = os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none" else "scratch"
+    src = (os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none"
+           else "scratch")
     return src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
 
 
 def print_pretrained(p, missing):
     """Two lines of every downstream script's start: where the encoder comes from, what starts fresh."""
-    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters val_loss {p['val_loss']}"
-                                    if p["run_dir"] else p["path"] or "none: from scratch"))
+    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters "
+                                     f"val_loss {p['val_loss']}" if p["run_dir"] else
+                                     p["path"] or "none: from scratch"))
     if missing:
         print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
 
@@ -61,7 +64,8 @@ def read_pretrained(path, allow_unfinished=False):
         return None, info
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrained {path} does not exist (want a ckpt.pt, a mim.py run directory or 'none')")
+        raise FileNotFoundError(f"--pretrained {path} does not exist "
+                                "(want a ckpt.pt, a mim.py run directory or 'none')")
     ckpt = train.load_checkpoint(path)  # weights_only: a checkpoint cannot run code; ValueError names what is wrong
     info["path"] = os.path.abspath(path)
     if "identity" in ckpt:  # a mim.py checkpoint: its run is known
@@ -69,8 +73,9 @@ def read_pretrained(path, allow_unfinished=False):
         info.update(run_dir=run_dir, model=run["model"], frac=run["frac"], iters=run["iters"], step=ckpt["step"],
                     data=os.path.basename(ckpt["args"]["data"].rstrip("/")), val_loss=ckpt.get("val_loss"))
         if not allow_unfinished and not os.path.exists(os.path.join(run_dir, "summary.json")):
-            raise ValueError(f"--pretrained {run_dir} has not finished: its checkpoint is at step {ckpt['step']} of {run['iters']} "
-                             f"and it has no summary.json; rerun its command to finish it, or pass --allow_unfinished")
+            raise ValueError(f"--pretrained {run_dir} has not finished: its checkpoint is at step {ckpt['step']} "
+                             f"of {run['iters']} and it has no summary.json; rerun its command to finish it, "
+                             "or pass --allow_unfinished")
     return ckpt, info
 
 
@@ -79,7 +84,8 @@ def pretrained_windows(ckpt, model_name):
     pre-training windows (12,12,12,6); from scratch (ckpt None) 0 = the model's own window."""
     if ckpt is None:
         return (0, 0, 0, 0)
-    return tuple(ckpt.get("model_config", {}).get("window_sizes") or swinv2.SwinV2Config(**swinv2.PRESETS[model_name]).window_sizes)
+    return tuple(ckpt.get("model_config", {}).get("window_sizes")
+                 or swinv2.SwinV2Config(**swinv2.PRESETS[model_name]).window_sizes)
 
 
 def build_model(args, r, ckpt, num_classes):
@@ -118,7 +124,8 @@ def group_lr(step, scale, r):
     """LR of the group with layer scale `scale` at `step`. Only the peak is scaled, as in the official code
     (its timm scheduler ignores lr_scale): linear warmup from start_lr to peak_lr*scale, then a cosine
     from peak_lr*scale down to min_lr; start_lr and min_lr are the same for every layer."""
-    return train.get_lr(step, r["peak_lr"] * scale, r["start_lr"], r["warmup_iters"], r["iters"], min_lr=r["min_lr"], schedule="cosine")
+    return train.get_lr(step, r["peak_lr"] * scale, r["start_lr"], r["warmup_iters"], r["iters"], min_lr=r["min_lr"],
+                        schedule="cosine")
 
 
 def make_mixer(mixup, cutmix, smoothing, num_classes):
@@ -159,45 +166,71 @@ def evaluate(model, loader, device, ctx):
 def get_parser():
     p = train.Parser(prog="finetune.py", description="Fine-tune a (SimMIM-pre-trained) SwinV2 for classification")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
-    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
+    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) "
+                   "or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM "
+                   "checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached "
+                   "its end (no summary.json)")
     g.add_argument("--img_size", type=train.count, default=None, help="input pixels; default 224 (official; tiny 64)")
     g.add_argument("--window", type=train.count, default=None, help="attention window; default 14 (official; tiny 4)")
-    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate (official B: 0.1)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1,
+                   help="stochastic depth rate (official B: 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, iNaturalist's "
-                   "train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
-    g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split of --data")
-    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many images; 0 = all (paper)")
-    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column {task}_top1), e.g. in1k; "
-                   "default: inat18 for iNaturalist 2018 (the IN-1K recipe with an 8,142-way head: no SwinV2/SimMIM iNat18 "
-                   "recipe is published), else the basename of --data")
-    g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper (tiny light)")
-    g.add_argument("--mixup", type=train.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 (official; tiny 0)")
-    g.add_argument("--cutmix", type=train.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 (official; tiny 0); with both on, one of them per batch")
-    g.add_argument("--smoothing", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="label smoothing (official 0.1)")
-    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, "
+                   "iNaturalist's train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
+    g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split "
+                   "of --data")
+    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many images; "
+                   "0 = all (paper)")
+    g.add_argument("--task", default=None, help="name of the dataset in summary.json (analyze.py's column "
+                   "{task}_top1), e.g. in1k; default: inat18 for iNaturalist 2018 (the IN-1K recipe with an 8,142-way "
+                   "head: no SwinV2/SimMIM iNat18 recipe is published), else the basename of --data")
+    g.add_argument("--aug", default=None, choices=["paper", "light"], help="paper: RandomResizedCrop 0.08-1, "
+                   "RandAugment, random erasing (official); light: crop 0.35-1 and flip only; default paper "
+                   "(tiny light)")
+    g.add_argument("--mixup", type=train.non_negative, default=None, help="mixup alpha, 0 = off; default 0.8 "
+                   "(official; tiny 0)")
+    g.add_argument("--cutmix", type=train.non_negative, default=None, help="cutmix alpha, 0 = off; default 1.0 "
+                   "(official; tiny 0); with both on, one of them per batch")
+    g.add_argument("--smoothing", type=train.number(float, 0, 1, hi_open=True), default=0.1,
+                   help="label smoothing (official 0.1)")
+    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; "
+                   "default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=train.count, default=None, help="training epochs; default 100 (official; tiny 3)")
-    g.add_argument("--warmup_epochs", type=train.natural, default=None, help="linear warmup epochs; default 20 (official; tiny 1)")
-    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 2048 (paper; tiny 32)")
-    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1.25e-3 (official; tiny 3.2e-2)")
-    g.add_argument("--warmup_lr", type=train.non_negative, default=2.5e-7, help="LR at step 0 per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--min_lr", type=train.non_negative, default=2.5e-7, help="final LR per 512 images, the same for every layer (official 2.5e-7)")
-    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None, help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
+    g.add_argument("--warmup_epochs", type=train.natural, default=None, help="linear warmup epochs; default 20 "
+                   "(official; tiny 1)")
+    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 2048 "
+                   "(paper; tiny 32)")
+    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; "
+                   "default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 512 images, scaled by batch/512; "
+                   "default 1.25e-3 (official; tiny 3.2e-2)")
+    g.add_argument("--warmup_lr", type=train.non_negative, default=2.5e-7, help="LR at step 0 per 512 images, "
+                   "the same for every layer (official 2.5e-7)")
+    g.add_argument("--min_lr", type=train.non_negative, default=2.5e-7, help="final LR per 512 images, the same "
+                   "for every layer (official 2.5e-7)")
+    g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None,
+                   help="layer-wise LR decay, 1 = off; default 0.75 (official B; tiny 1)")
     g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (official 0.05)")
-    g.add_argument("--clip_grad", type=train.non_negative, default=5.0, help="max gradient norm, 0 = no clipping (official 5.0)")
-    g.add_argument("--seed", type=train.natural, default=0, help="seed of the head, data order, augmentation, mixing, drop path")
+    g.add_argument("--clip_grad", type=train.non_negative, default=5.0, help="max gradient norm, 0 = no clipping "
+                   "(official 5.0)")
+    g.add_argument("--seed", type=train.natural, default=0, help="seed of the head, data order, augmentation, "
+                   "mixing, drop path")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/ft_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (tiny 10); evaluation and checkpoints come once per epoch")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--out_dir", default=None, help="run directory; default out/ft_{task}_{model}_{pretrained run}; "
+                   "resumes if it has ckpt.pt")
+    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 "
+                   "(tiny 10); evaluation and checkpoints come once per epoch")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; "
+                   "auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one with a head), write eval.json")
-    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
+    g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one "
+                   "with a head), write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others "
+                   "(rank 0 evaluating alone) before the run fails; default 60")
     return p
 
 
@@ -207,13 +240,14 @@ RECIPES = {
     "paper": dict(epochs=100, warmup_epochs=20, batch_size=2048, lr=1.25e-3, img_size=224, window=14, aug="paper",
                   mixup=0.8, cutmix=1.0, layer_decay=0.75, log_every=50),
     # A 2M-parameter model sees ~200 steps: the ImageNet augmentation (crops down to 8 % of the image,
-    # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns nothing
-    # (12-15 % top-1, chance 10 %). Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the
-    # LR: after a 600-step pre-training, 4 epochs reach 24 % with it and 32 % without it (one seed).
+    # RandAugment, mixing) hides the one object a synthetic image holds, and the model learns little more
+    # than chance. Layer decay 0.75 over 8 blocks leaves the lower blocks at 7 % of the LR: in so few steps
+    # they barely move from a short pre-training, and the fine-tune gains from turning it off.
     "demo": dict(epochs=3, warmup_epochs=1, batch_size=32, lr=3.2e-2, img_size=64, window=4, aug="light",
                  mixup=0.0, cutmix=0.0, layer_decay=1.0, log_every=10),
 }
-FREE = train.FREE | {"allow_unfinished", "val_images"}  # fine-tuning's evaluation subset is a measurement choice, not part of training
+# fine-tuning's evaluation subset is a measurement choice, not part of training
+FREE = train.FREE | {"allow_unfinished", "val_images"}
 
 
 def resolve(args, world_size):
@@ -228,7 +262,8 @@ def resolve(args, world_size):
     # linear scaling rule: all three LRs are given per 512 images, as in the official code
     r["peak_lr"], r["start_lr"], r["min_lr"] = (v * B / 512 for v in (r["lr"], args.warmup_lr, args.min_lr))
     name = args.data.rstrip("/")
-    inat18 = os.path.basename(name) in ("train2018.json", "val2018.json") or os.path.isfile(os.path.join(name, "train2018.json"))
+    inat18 = (os.path.basename(name) in ("train2018.json", "val2018.json")
+              or os.path.isfile(os.path.join(name, "train2018.json")))
     r["task"] = args.task or ("synthetic" if name.startswith("synthetic") else "inat18" if inat18 else
                               os.path.splitext(os.path.basename(name))[0])
     r["out_dir"] = args.out_dir or f"out/ft_{r['task']}_{args.model}_{pretrained_name(args.pretrained)}"
@@ -247,7 +282,8 @@ def steps(r, n_train):
     if r["batch_size"] > n_train:
         raise ValueError(f"--batch_size {r['batch_size']} is larger than the {n_train} training images")
     spe = n_train // r["batch_size"]
-    r.update(epoch_steps=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe, eval_every=spe, save_every=spe)
+    r.update(epoch_steps=spe, iters=r["epochs"] * spe, warmup_iters=r["warmup_epochs"] * spe, eval_every=spe,
+             save_every=spe)
     return r
 
 # -----------------------------------------------------------------------------
@@ -260,7 +296,8 @@ def eval_only(run, model, missing, K, val_loader, device, ctx, model_name, maste
     if os.path.exists(run.ckpt):
         step = train.load_for_eval(run.ckpt, model, model, model_name, master, classes=K)["step"]
     elif missing:
-        train.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head", master)
+        train.fail(f"--eval_only needs a {K}-class head: {run.ckpt} does not exist and --pretrained has no head",
+                   master)
     else:
         step = 0
     top1, top5, n = evaluate(model, val_loader, device, ctx)
@@ -281,7 +318,8 @@ def main(argv=None):
         train_set, val_set = data.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
-            raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of --data {args.data}")
+            raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of "
+                             f"--data {args.data}")
         steps(r, len(train_set))
         model, missing = build_model(args, r, ckpt, K)
     except (ValueError, FileNotFoundError) as e:
@@ -303,7 +341,8 @@ def main(argv=None):
         print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over "
                f"pre-trained {model.cfg.pretrained_window_sizes}, {K} classes")
         print_pretrained(p, missing)
-        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x "
+               f"{r['accum']} accumulation")
         print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = "
                f"{r['iters']} steps, warmup {r['warmup_iters']}")
         print0(f"{'LR':>14} {r['lr']:g} per 512 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}); "
@@ -332,9 +371,10 @@ def main(argv=None):
             return dict(top1=done["last_top1"], top5=done["last_top5"])
         if master:
             train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
-                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
-                                                        task=r["task"], steps_per_epoch=r["epoch_steps"],
-                                                        iters=r["iters"], classes=list(train_set.classes),
+                                                        world_size=world, micro_batch=r["micro_batch"],
+                                                        accum=r["accum"], task=r["task"],
+                                                        steps_per_epoch=r["epoch_steps"], iters=r["iters"],
+                                                        classes=list(train_set.classes),
                                                         torch=str(torch.__version__)))
 
         # ---- the loop: train.loop runs the steps; a step's forward is loss_fn, an evaluation is accuracy
@@ -359,7 +399,8 @@ def main(argv=None):
                 tqdm.write(f"epoch {step / r['epoch_steps']:g} (step {step}): top-1 {top1:.2f} %, top-5 {top5:.2f} %")
             return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
 
-        keep = dict(identity=identity, args=vars(args), pretrained=pretrained, model_config=swinv2.model_config(raw_model))
+        keep = dict(identity=identity, args=vars(args), pretrained=pretrained,
+                    model_config=swinv2.model_config(raw_model))
         train.loop(run, r, state, device, model=model, raw_model=raw_model, optimizer=optimizer, stream=stream,
                    batches=batches, loss_fn=loss_fn, lr_at=lambda step, scale: group_lr(step, scale, r),
                    evaluate=accuracy, keep=keep)

@@ -105,7 +105,8 @@ class SimMIM(nn.Module):
         nn.init.trunc_normal_(self.encoder.mask_token, std=0.02, a=-2.0, b=2.0)
         # the decoder is one linear map per 32x32 output patch: a 1x1 conv to 32*32*3 values, then
         # PixelShuffle lays them out as pixels (SimMIM sec. 3.3: a heavier head does not help)
-        self.decoder = nn.Sequential(nn.Conv2d(encoder.num_features, self.stride**2 * 3, 1), nn.PixelShuffle(self.stride))
+        self.decoder = nn.Sequential(nn.Conv2d(encoder.num_features, self.stride**2 * 3, 1),
+                                     nn.PixelShuffle(self.stride))
 
     def predict(self, x, mask):
         """(B, 3, H, W), mask (B, H/4, W/4) -> predicted image (B, 3, H, W)."""
@@ -121,7 +122,7 @@ class SimMIM(nn.Module):
         """Sum of |prediction - target| over masked pixels and channels, and the number of masked pixels."""
         pred = self.predict(x, mask).float()  # the loss is computed in fp32
         target = norm_targets(x.float(), self.norm_target) if self.norm_target else x.float()
-        m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2).unsqueeze(1)  # (B, 1, H, W)
+        m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)[:, None]  # (B, 1, H, W)
         return ((pred - target).abs() * m).sum(), m.sum()  # unmasked pixels contribute nothing
 
     def forward(self, x, mask):
@@ -149,41 +150,66 @@ FREE = train.FREE
 def get_parser():
     p = train.Parser(prog="mim.py", description="SimMIM pre-training of SwinV2 (the data-scaling study)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or the CPU sizes nano, tiny")
-    g.add_argument("--img_size", type=train.count, default=None, help="input pixels; default: the preset's (192; tiny 64)")
-    g.add_argument("--window", type=train.count, default=None, help="attention window; default: the preset's (12; tiny 4)")
-    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1, help="stochastic depth rate, rising over blocks (paper 0.1)")
+    g.add_argument("--model", type=train.model_name, default="B",
+                   help="SwinV2 size: S, B, L, H, g (the paper's) or the CPU sizes nano, tiny")
+    g.add_argument("--img_size", type=train.count, default=None,
+                   help="input pixels; default: the preset's (192; tiny 64)")
+    g.add_argument("--window", type=train.count, default=None,
+                   help="attention window; default: the preset's (12; tiny 4)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=0.1,
+                   help="stochastic depth rate, rising over blocks (paper 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("masking and loss")
     g.add_argument("--mask_patch", type=train.count, default=None, help="mask cell in pixels; default 32 (tiny 16)")
-    g.add_argument("--mask_ratio", type=train.number(float, 0, 1, True, True), default=0.6, help="fraction of cells masked, rounded up (paper 0.6)")
-    g.add_argument("--norm_target", type=train.natural, default=None, help="target normalisation window in pixels, odd, 0 = off; default 47 (official; tiny 0)")
+    g.add_argument("--mask_ratio", type=train.number(float, 0, 1, True, True), default=0.6,
+                   help="fraction of cells masked, rounded up (paper 0.6)")
+    g.add_argument("--norm_target", type=train.natural, default=None,
+                   help="target normalisation window in pixels, odd, 0 = off; default 47 (official; tiny 0)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/, a file list, or 'synthetic' (the CPU demo)")
+    g.add_argument("--data", default="data/imagenet",
+                   help="folder with train/ and val/, a file list, or 'synthetic' (the CPU demo)")
     g.add_argument("--val_data", default=None, help="validation images; default: the val split of --data")
-    g.add_argument("--frac", type=train.number(float, 0, 1, lo_open=True), default=1.0, help="fraction of the training set, in (0, 1] (paper 0.1, 0.2, 0.5, 1)")
-    g.add_argument("--subset_seed", type=train.natural, default=0, help="seed of the subset permutation (nested across --frac)")
-    g.add_argument("--val_images", type=train.count, default=50000, help="held-out images for the validation loss (IN-1K val: 50000)")
-    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU (the CPU computes)")
+    g.add_argument("--frac", type=train.number(float, 0, 1, lo_open=True), default=1.0,
+                   help="fraction of the training set, in (0, 1] (paper 0.1, 0.2, 0.5, 1)")
+    g.add_argument("--subset_seed", type=train.natural, default=0,
+                   help="seed of the subset permutation (nested across --frac)")
+    g.add_argument("--val_images", type=train.count, default=50000,
+                   help="held-out images for the validation loss (IN-1K val: 50000)")
+    g.add_argument("--workers", type=train.natural, default=None,
+                   help="data-loader processes per process; default 8 on CUDA, 0 on CPU (the CPU computes)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=train.count, default=None, help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 150)")
-    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in images; default 2048 (paper; tiny 64)")
-    g.add_argument("--micro_batch", type=train.count, default=None, help="images per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 512 images, scaled by batch/512; default 1e-4 (paper; tiny 3.2e-2)")
-    g.add_argument("--warmup_lr", type=train.non_negative, default=5e-7, help="LR at step 0 per 512 images (paper 5e-7)")
-    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps; default iters/80 (6250 at 500K)")
+    g.add_argument("--iters", type=train.count, default=None,
+                   help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 150)")
+    g.add_argument("--batch_size", type=train.count, default=None,
+                   help="global batch in images; default 2048 (paper; tiny 64)")
+    g.add_argument("--micro_batch", type=train.count, default=None,
+                   help="images per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None,
+                   help="peak LR per 512 images, scaled by batch/512; default 1e-4 (paper; tiny 3.2e-2)")
+    g.add_argument("--warmup_lr", type=train.non_negative, default=5e-7,
+                   help="LR at step 0 per 512 images (paper 5e-7)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None,
+                   help="linear warmup steps; default iters/80 (6250 at 500K)")
     g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (paper 0.05)")
-    g.add_argument("--clip_grad", type=train.non_negative, default=5.0, help="max gradient norm, 0 = no clipping (paper 5.0)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=5.0,
+                   help="max gradient norm, 0 = no clipping (paper 5.0)")
     g.add_argument("--seed", type=train.natural, default=0, help="seed of init, data order, crops, masks, drop path")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/{model}_frac{frac}_{iters/1000}k; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=train.count, default=None, help="steps between validation losses; default 5000 (tiny 50)")
+    g.add_argument("--out_dir", default=None,
+                   help="run directory; default out/{model}_frac{frac}_{iters/1000}k; resumes if it has ckpt.pt")
+    g.add_argument("--eval_every", type=train.count, default=None,
+                   help="steps between validation losses; default 5000 (tiny 50)")
     g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (tiny 10)")
-    g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (tiny 50)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--save_every", type=train.count, default=None,
+                   help="steps between checkpoints; default 1000 (tiny 50)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_only", action="store_true", help="measure the validation loss of --out_dir's checkpoint, write eval.json")
-    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
+    g.add_argument("--eval_only", action="store_true",
+                   help="measure the validation loss of --out_dir's checkpoint, write eval.json")
+    g.add_argument("--dist_timeout", type=train.count, default=60,
+                   help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
+                        "default 60")
     return p
 
 
@@ -321,7 +347,8 @@ def main(argv=None):
                f"mask {r['mask_patch']} px x {args.mask_ratio}")
         print0(f"{'data':>14} {args.data}: {n_train} of {len(train_set)} images (frac {args.frac:g}), "
                f"{r['iters'] * B / n_train:.1f} epochs")
-        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x {r['accum']} accumulation")
+        print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x "
+               f"{r['accum']} accumulation")
         print0(f"{'LR':>14} {r['lr']:g} per 512 -> {r['peak_lr']:.3g}, warmup {r['warmup_iters']} steps from "
                f"{r['start_lr']:.3g}, x0.1 from step {r['milestone']} of {r['iters']}")
         val_loader = data.make_loader(val_stream, r["micro_batch"], sampler=data.shard(len(val_stream), rank, world),
@@ -363,7 +390,8 @@ def main(argv=None):
             model = train.ddp(model, device)
 
         def loss_fn(batch):
-            x, mask = data.normalize(batch.image.to(device, non_blocking=True)), batch.mask.to(device, non_blocking=True)
+            x = data.normalize(batch.image.to(device, non_blocking=True))  # uint8 -> the model's float input
+            mask = batch.mask.to(device, non_blocking=True)
             with ctx:
                 return model(x, mask), {}
 
@@ -385,7 +413,8 @@ def main(argv=None):
             return dict(val_loss=val_loss)
 
         def lr_at(step, scale):
-            return scale * train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
+            lr = train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
+            return scale * lr
 
         keep = dict(identity=identity, args=vars(args), model_config=swinv2.model_config(encoder),
                     subset=dict(size=n_train, hash=subset_hash), val_loss=None)

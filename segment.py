@@ -1,11 +1,13 @@
 """
 Semantic segmentation on ADE20K with UPerNet on a (SimMIM-pre-trained) SwinV2: "On Data Scaling in Masked
 Image Modeling" (arXiv 2206.04664) relates the pre-training losses to five downstream metrics, one of them
-the ADE20K mIoU of its S, B and L pre-trainings. The encoder gives four maps (strides 4..32, swinv2.forward_pyramid); UPerNet (Xiao et al.
-2018, arXiv 1807.10221) pools the coarsest one at four scales, runs a top-down feature pyramid, fuses all
-levels at stride 4 and classifies every pixel. The recipe is mmsegmentation's UPerNet-Swin on ADE20K with
-the SwinV2 paper's LR (the data-scaling paper published none: reference/downstream.md): 512 crops,
-160K iterations at batch 16, AdamW 4e-5, layer decay 0.95; single-scale sliding-window mIoU.
+the ADE20K mIoU of its S, B and L pre-trainings. The encoder gives four maps (strides 4..32,
+swinv2.forward_pyramid); UPerNet (Xiao et al. 2018, arXiv 1807.10221) pools the coarsest one at four
+scales, runs a top-down feature pyramid, fuses all levels at stride 4 and classifies every pixel. The
+recipe is mmsegmentation's UPerNet-Swin on ADE20K (configs/swin/upernet_swin_*_512x512_160k_ade20k*.py)
+with the SwinV2 paper's LR (arXiv 2111.09883, appendix; the data-scaling paper published none): 512
+crops, 160K iterations at batch 16, AdamW 4e-5, layer decay 0.95; single-scale sliding-window mIoU
+(mmseg's slide_inference, scored as its IoUMetric).
 
     python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, minutes
     python segment.py --model tiny --data synthetic --pretrained none                     # from scratch
@@ -79,7 +81,8 @@ class UPerHead(nn.Module):
 
     def __init__(self, dims, channels, num_classes, pool_scales=(1, 2, 3, 6)):
         super().__init__()
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(dims[-1], channels, 1)) for s in pool_scales)
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(dims[-1], channels, 1))
+                                 for s in pool_scales)
         self.bottleneck = ConvBNReLU(dims[-1] + len(pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(d, channels, 1) for d in dims[:-1])
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in dims[:-1])
@@ -88,12 +91,14 @@ class UPerHead(nn.Module):
 
     def forward(self, maps):
         top = maps[-1]  # (B, 8C, H/32, W/32)
-        psp = self.bottleneck(torch.cat([top] + [resize_to(pool(top), top) for pool in self.ppm], 1))  # (B, ch, H/32, W/32)
+        # (B, ch, H/32, W/32)
+        psp = self.bottleneck(torch.cat([top] + [resize_to(pool(top), top) for pool in self.ppm], 1))
         levels = [conv(m) for conv, m in zip(self.lateral_convs, maps)] + [psp]  # (B, ch, H/2^(i+2), ...)
         for i in range(len(levels) - 1, 0, -1):  # top-down: coarse semantics flow into the finer levels
             levels[i - 1] = levels[i - 1] + resize_to(levels[i], levels[i - 1])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, levels)] + [levels[-1]]
-        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [resize_to(o, outs[0]) for o in outs[1:]], 1))  # (B, ch, H/4, W/4)
+        # (B, ch, H/4, W/4)
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [resize_to(o, outs[0]) for o in outs[1:]], 1))
         return self.cls(fused)
 
 
@@ -124,7 +129,8 @@ class Segmenter(nn.Module):
     def layer_id(self, name):
         """Layer-wise LR decay ids: the encoder's own (0 patch embedding .. L blocks), L + 1 for the heads
         and the pyramid norms, so finetune.param_groups gives them the full LR."""
-        return self.encoder.layer_id(name[len("encoder."):]) if name.startswith("encoder.") else sum(self.cfg.depths) + 1
+        return (self.encoder.layer_id(name[len("encoder."):]) if name.startswith("encoder.")
+                else sum(self.cfg.depths) + 1)
 
 
 def predict(model, x):
@@ -184,12 +190,14 @@ class LabelledImage:
         if wrong.any():  # (mIoU's per-class counts have no room for it)
             valid = self.lut is not None and np.flatnonzero((self.lut < self.num_classes) | (self.lut == IGNORE))
             raise ValueError(f"{name} holds the value {raw[wrong][0]}, which is no class"
-                             + (f" (valid: {valid.min()}-{valid[valid < 255].max()} and 255)" if valid is not False else ""))
+                             + (f" (valid: {valid.min()}-{valid[valid < 255].max()} and 255)"
+                                if valid is not False else ""))
         img = data.to_rgb(self.image)
         if img.size[::-1] != labels.shape:
-            raise ValueError(f"{name} is {labels.shape[1]}x{labels.shape[0]} but its image {getattr(self.image, 'filename', '')} "
-                             f"is {img.size[0]}x{img.size[1]}")
-        return tv_tensors.Image(v2.functional.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(labels.copy())[None])
+            raise ValueError(f"{name} is {labels.shape[1]}x{labels.shape[0]} but its image "
+                             f"{getattr(self.image, 'filename', '')} is {img.size[0]}x{img.size[1]}")
+        return (tv_tensors.Image(v2.functional.pil_to_tensor(img)),
+                tv_tensors.Mask(torch.from_numpy(labels.copy())[None]))
 
 
 # ADE20K's "reduce_zero_label": 0 ("other", not annotated) -> ignored, k -> k - 1, so 150 classes 0..149
@@ -207,7 +215,8 @@ class ADE20K:
         sub = {"train": "training", "val": "validation"}[split]
         self.root, img_dir = root, os.path.join(root, "images", sub)
         if not os.path.isdir(img_dir):
-            raise FileNotFoundError(f"--data {root} is not an ADEChallengeData2016 folder (no images/{sub}/) nor 'synthetic[:N]'")
+            raise FileNotFoundError(f"--data {root} is not an ADEChallengeData2016 folder (no images/{sub}/) "
+                                    f"nor 'synthetic[:N]'")
         self.names = sorted(os.path.join("images", sub, f) for f in os.listdir(img_dir) if f.lower().endswith(".jpg"))
         self.label_names = [os.path.join("annotations", sub, os.path.basename(n)[:-4] + ".png") for n in self.names]
         if not self.names:
@@ -274,7 +283,8 @@ def keep_ratio_size(h, w, long_side, short_side):
 
 def to_input(img):
     """uint8 (3, H, W) -> float, ImageNet-normalised (the pre-training's statistics)."""
-    return v2.functional.normalize(v2.functional.to_dtype(img, torch.float32, scale=True), data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return v2.functional.normalize(v2.functional.to_dtype(img, torch.float32, scale=True),
+                                   data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
 def photometric_distortion(img):
@@ -379,7 +389,8 @@ def slide_logits(f, img, crop, stride, batch=8):
     total, count = None, torch.zeros(1, H, W, device=img.device)
     for k in range(0, len(boxes), batch):
         chunk = boxes[k:k + batch]
-        windows = torch.stack([F.pad(img[:, t:b, l:r], (0, crop - (r - l), 0, crop - (b - t))) for t, l, b, r in chunk])
+        windows = torch.stack([F.pad(img[:, t:b, l:r], (0, crop - (r - l), 0, crop - (b - t)))
+                               for t, l, b, r in chunk])
         out = f(windows).float()  # (n, classes, crop, crop)
         total = out.new_zeros(out.shape[1], H, W) if total is None else total
         for o, (t, l, b, r) in zip(out, chunk):
@@ -453,7 +464,8 @@ def save_pictures(path, model, val_stream, num_classes, crop, stride, device, ct
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()
         size = [height, round(height * y.shape[1] / y.shape[0])]
         panels = [v2.functional.resize((x * std + mean).clamp(0, 1), size, antialias=True)]
-        panels += [v2.functional.resize(colorize(t, num_classes), size, v2.InterpolationMode.NEAREST) for t in (y, pred)]
+        panels += [v2.functional.resize(colorize(t, num_classes), size, v2.InterpolationMode.NEAREST)
+                   for t in (y, pred)]
         rows.append(torch.cat([F.pad(p, (0, 2), value=1.0) for p in panels], dim=2))  # (3, height, 3 * (width + 2))
     width = max(r.shape[2] for r in rows)
     grid = torch.cat([F.pad(r, (0, width - r.shape[2], 0, 2), value=1.0) for r in rows], dim=1)  # (3, H, W)
@@ -508,52 +520,80 @@ def scale_pair(text):
 
 
 def get_parser():
-    p = train.Parser(prog="segment.py", description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
+    p = train.Parser(prog="segment.py",
+                     description="Semantic segmentation (ADE20K) with UPerNet on a (SimMIM-pre-trained) SwinV2")
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=train.model_name, default="B", help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
-    g.add_argument("--pretrained", required=True, help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
-    g.add_argument("--allow_unfinished", action="store_true", help="accept a --pretrained run that has not reached its end (no summary.json)")
-    g.add_argument("--crop", type=train.count, default=None, help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
-    g.add_argument("--window", type=train.count, default=None, help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
-    g.add_argument("--channels", type=train.count, default=None, help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
-    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None, help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
+    g.add_argument("--model", type=train.model_name, default="B",
+                   help="SwinV2 size: S, B, L, H, g (the paper's) or nano, tiny; must match the checkpoint")
+    g.add_argument("--pretrained", required=True,
+                   help="a mim.py run directory, its ckpt.pt, an official SimMIM checkpoint, or 'none' (from scratch)")
+    g.add_argument("--allow_unfinished", action="store_true",
+                   help="accept a --pretrained run that has not reached its end (no summary.json)")
+    g.add_argument("--crop", type=train.count, default=None,
+                   help="training crop and sliding window, pixels; default 512 (mmseg ADE20K; tiny 64)")
+    g.add_argument("--window", type=train.count, default=None,
+                   help="attention window; default 16 (SwinV2 paper's ADE20K; tiny 4)")
+    g.add_argument("--channels", type=train.count, default=None,
+                   help="UPerNet width; the auxiliary head gets half; default 512 (mmseg UPerNet, aux 256; tiny 64)")
+    g.add_argument("--drop_path", type=train.number(float, 0, 1, hi_open=True), default=None,
+                   help="stochastic depth rate; default 0.3 (mmseg UPerNet-Swin; tiny 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and evaluation")
-    g.add_argument("--data", default="data/ADEChallengeData2016", help="an ADEChallengeData2016 folder as released, or 'synthetic[:N]' (the CPU demo)")
-    g.add_argument("--scale", type=scale_pair, default=None, help="LONG,SHORT: base size of the random rescale (x 0.5-2) and of the test resize; "
+    g.add_argument("--data", default="data/ADEChallengeData2016",
+                   help="an ADEChallengeData2016 folder as released, or 'synthetic[:N]' (the CPU demo)")
+    g.add_argument("--scale", type=scale_pair, default=None,
+                   help="LONG,SHORT: base size of the random rescale (x 0.5-2) and of the test resize; "
                    "default 2048,512 (mmseg ADE20K; tiny 384,96: the synthetic images are 96 px)")
-    g.add_argument("--stride", type=train.count, default=None, help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
-    g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
-    g.add_argument("--workers", type=train.natural, default=None, help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
+    g.add_argument("--stride", type=train.count, default=None,
+                   help="sliding-window stride in pixels; default 2/3 of --crop (mmseg: 341 for 512)")
+    g.add_argument("--val_images", type=train.natural, default=0,
+                   help="evaluate a fixed subset of this many validation images; 0 = all (ADE20K: 2000)")
+    g.add_argument("--workers", type=train.natural, default=None,
+                   help="data-loader processes per process; default 8 on CUDA, 0 on CPU")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=train.count, default=None, help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
-    g.add_argument("--warmup_iters", type=train.natural, default=None, help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50), at most a quarter of --iters")
-    g.add_argument("--batch_size", type=train.count, default=None, help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
-    g.add_argument("--micro_batch", type=train.count, default=None, help="crops per GPU per forward; default batch_size / world size")
-    g.add_argument("--lr", type=train.positive, default=None, help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
+    g.add_argument("--iters", type=train.count, default=None,
+                   help="optimizer steps; default 160000 (mmseg 160K schedule; tiny 1000)")
+    g.add_argument("--warmup_iters", type=train.natural, default=None,
+                   help="linear warmup steps from ~0; default 1500 (mmseg; tiny 50), at most a quarter of --iters")
+    g.add_argument("--batch_size", type=train.count, default=None,
+                   help="global batch in crops; default 16 (mmseg: 8 GPUs x 2; tiny 16)")
+    g.add_argument("--micro_batch", type=train.count, default=None,
+                   help="crops per GPU per forward; default batch_size / world size")
+    g.add_argument("--lr", type=train.positive, default=None,
+                   help="peak LR per 16 crops, scaled by batch/16, then linear decay to 0; "
                    "default 4e-5 (SwinV2 paper's ADE20K; tiny 4e-3)")
     g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None,
-                   help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper, via downstream.md; tiny 1)")
-    g.add_argument("--weight_decay", type=train.non_negative, default=0.05, help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
-    g.add_argument("--clip_grad", type=train.non_negative, default=0.0, help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
-    g.add_argument("--seed", type=train.natural, default=0, help="seed of the heads, data order, augmentation, drop path")
+                   help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper's ADE20K; tiny 1)")
+    g.add_argument("--weight_decay", type=train.non_negative, default=0.05,
+                   help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
+    g.add_argument("--clip_grad", type=train.non_negative, default=0.0,
+                   help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
+    g.add_argument("--seed", type=train.natural, default=0,
+                   help="seed of the heads, data order, augmentation, drop path")
     g = p.add_argument_group("run")
-    g.add_argument("--out_dir", default=None, help="run directory; default out/seg_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
-    g.add_argument("--eval_every", type=train.count, default=None, help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
-    g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (mmseg; tiny 10)")
-    g.add_argument("--save_every", type=train.count, default=None, help="steps between checkpoints; default 1000 (tiny 100)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
+    g.add_argument("--out_dir", default=None,
+                   help="run directory; default out/seg_{task}_{model}_{pretrained run}; resumes if it has ckpt.pt")
+    g.add_argument("--eval_every", type=train.count, default=None,
+                   help="steps between evaluations (and after the last); default 16000 (mmseg; tiny 500)")
+    g.add_argument("--log_every", type=train.count, default=None,
+                   help="steps between log lines; default 50 (mmseg; tiny 10)")
+    g.add_argument("--save_every", type=train.count, default=None,
+                   help="steps between checkpoints; default 1000 (tiny 100)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
-    g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; default 60")
+    g.add_argument("--dist_timeout", type=train.count, default=60,
+                   help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
+                   "default 60")
     return p
 
 
-# The flags a preset decides: mmseg's UPerNet-Swin ADE20K recipe with the SwinV2 paper's LR for S..g
-# (reference/downstream.md), a CPU-minutes recipe for nano and tiny on the synthetic scenes: 64 px crops
-# of the 96 px images, a narrow head, 1000 steps at a LR a tiny model can use. Measured on the tiny demo
-# (100 val images, one run each): mIoU 11 % after 300 steps at 1e-3 (the shapes not found yet), 21-23 %
-# after 1000 at 4e-3, still rising.
+# The flags a preset decides: for S..g, mmseg's UPerNet-Swin ADE20K recipe
+# (configs/swin/upernet_swin_*_512x512_160k_ade20k*.py) with the SwinV2 paper's LR, layer decay and window
+# (arXiv 2111.09883, appendix); for nano and tiny, a CPU-minutes recipe on the synthetic scenes: 64 px
+# crops of the 96 px images, a narrow head, 1000 steps at a LR a tiny model can use (a shorter run at a
+# lower LR stops before the model has found the shapes).
 RECIPES = {
     "paper": dict(iters=160000, warmup_iters=1500, batch_size=16, lr=4e-5, crop=512, window=16, scale=(2048, 512),
                   channels=512, drop_path=0.3, layer_decay=0.95, eval_every=16000, log_every=50, save_every=1000),
@@ -675,9 +715,9 @@ def main(argv=None):
             return done["metrics"]
         if master:
             train.save_json(run.file("args.json"), dict(vars(args), identity=identity, pretrained=pretrained,
-                                                        world_size=world, micro_batch=r["micro_batch"], accum=r["accum"],
-                                                        task=r["task"], iters=r["iters"], stride=r["stride"], classes=K,
-                                                        torch=str(torch.__version__)))
+                                                        world_size=world, micro_batch=r["micro_batch"],
+                                                        accum=r["accum"], task=r["task"], iters=r["iters"],
+                                                        stride=r["stride"], classes=K, torch=str(torch.__version__)))
 
         # ---- the loop: train.loop runs the steps, with the segmentation loss and the sliding-window mIoU
         sampler = data.StreamSampler(B, r["micro_batch"], rank, world, state["step"])

@@ -2,13 +2,14 @@
 The paper as one object: plan the grid's cost, launch it (SLURM jobs with torchrun inside, or this machine),
 watch every run. "On Data Scaling in Masked Image Modeling" is 63 SimMIM pre-trainings (paper_runs.csv: sizes
 S/B/L/H/g x 10/20/50/100 % of IN-1K and IN-22K x 125K/250K/500K iterations), each fine-tuned on IN-1K, and
-the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (paper.md, 4b). This file teaches three things:
+the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (arXiv 2206.04664). This file teaches three things:
 
   1. What a run costs: model FLOPs per image, counted layer by layer as torch's FlopCounterMode counts them
      (bench.py's number; a test checks they agree), x images seen / (utilisation x peak FLOP/s) = GPU-hours.
   2. How a multi-node torchrun job survives a time limit or a preemption on SLURM: signal, save, requeue,
      resume (SBATCH below, each line with its reason).
-  3. How to read a run's state from its files alone (the run directory of DESIGN.md).
+  3. How to read a run's state from its files alone: the run directory that train.py writes (args.json,
+     log.jsonl, ckpt.pt, summary.json).
 
     python study.py plan --grid paper                                # GPU-hours of the 63 runs and their fine-tunes
     python study.py plan --grid paper --bench gpu_report.json        # measured img/s (bench.py --what gpu) instead
@@ -43,8 +44,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # SwinV2 sizes: width C, depths, head dim, pre-training image size and window. A copy of swinv2.PRESETS and
 # SwinV2Config's defaults, so that planning needs no torch; tests/test_study.py checks that the copy is exact.
 SIZES = {
-    "S": (96, (2, 2, 18, 2), 32, 192, 12), "B": (128, (2, 2, 18, 2), 32, 192, 12), "L": (192, (2, 2, 18, 2), 32, 192, 12),
-    "H": (352, (2, 2, 18, 2), 32, 192, 12), "g": (448, (2, 2, 18, 2), 32, 192, 12),
+    "S": (96, (2, 2, 18, 2), 32, 192, 12), "B": (128, (2, 2, 18, 2), 32, 192, 12),
+    "L": (192, (2, 2, 18, 2), 32, 192, 12), "H": (352, (2, 2, 18, 2), 32, 192, 12),
+    "g": (448, (2, 2, 18, 2), 32, 192, 12),
     "tiny": (32, (2, 2, 2, 2), 32, 64, 4), "nano": (16, (2, 2, 2, 2), 16, 64, 4),
 }
 PAPER_SIZES = ("S", "B", "L", "H", "g")
@@ -70,10 +72,14 @@ TASKS = {
 # Each script's default schedule (its RECIPES; the tests check this copy): epochs or iterations, global batch,
 # flag and value of the input size, window; "paper" for S..g, "demo" for nano and tiny.
 SCHEDULES = {
-    "mim.py": {"paper": ("--iters", 500000, 2048, "--img_size", 192, 12), "demo": ("--iters", 150, 64, "--img_size", 64, 4)},
-    "finetune.py": {"paper": ("--epochs", 100, 2048, "--img_size", 224, 14), "demo": ("--epochs", 3, 32, "--img_size", 64, 4)},
-    "detect.py": {"paper": ("--epochs", 36, 16, "--img_size", 1024, 16), "demo": ("--epochs", 3, 8, "--img_size", 128, 4)},
-    "segment.py": {"paper": ("--iters", 160000, 16, "--crop", 512, 16), "demo": ("--iters", 1000, 16, "--crop", 64, 4)},
+    "mim.py": {"paper": ("--iters", 500000, 2048, "--img_size", 192, 12),
+               "demo": ("--iters", 150, 64, "--img_size", 64, 4)},
+    "finetune.py": {"paper": ("--epochs", 100, 2048, "--img_size", 224, 14),
+                    "demo": ("--epochs", 3, 32, "--img_size", 64, 4)},
+    "detect.py": {"paper": ("--epochs", 36, 16, "--img_size", 1024, 16),
+                  "demo": ("--epochs", 3, 8, "--img_size", 128, 4)},
+    "segment.py": {"paper": ("--iters", 160000, 16, "--crop", 512, 16),
+                   "demo": ("--iters", 1000, 16, "--crop", 64, 4)},
 }
 
 
@@ -122,7 +128,8 @@ def file_cells(path):
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--grid {path}: cannot read it ({e})") from None
     if not rows or not {"model", "data", "frac", "iters"} <= set(rows[0]):
-        raise ValueError(f"--grid {path}: want a CSV with the header model,data,frac,iters[,images][,tasks] and one row per run")
+        raise ValueError(f"--grid {path}: want a CSV with the header model,data,frac,iters[,images][,tasks] "
+                         "and one row per run")
     cells = []
     for i, row in enumerate(rows, 1):
         try:
@@ -143,7 +150,8 @@ def read_grid(spec):
     if spec == "miniature":
         return miniature_cells(), (0, 1, 2), True
     if not os.path.isfile(spec):
-        raise ValueError(f"--grid {spec!r}: use 'paper', 'miniature' or a CSV file (model,data,frac,iters[,images][,tasks])")
+        raise ValueError(f"--grid {spec!r}: use 'paper', 'miniature' or a CSV file "
+                         "(model,data,frac,iters[,images][,tasks])")
     return file_cells(spec), (0,), False
 
 
@@ -253,9 +261,11 @@ def gpu_hours(job, c, opt, rates):
 
 def cell_name(c):
     """B_in1k_frac0.5_125k: model, data, fraction, iterations."""
-    tag = {"IN-1K": "in1k", "IN-22K": "in22k"}.get(c["data"]) or re.sub(r"\W+", "", os.path.basename(c["data"].rstrip("/")).split(".")[0])
+    tag = ({"IN-1K": "in1k", "IN-22K": "in22k"}.get(c["data"])
+           or re.sub(r"\W+", "", os.path.basename(c["data"].rstrip("/")).split(".")[0]))
     n = c["iters"]
-    return f"{c['model']}_{tag or 'data'}_frac{c['frac']:g}_{n // 1000 if n % 1000 == 0 else n}{'k' if n % 1000 == 0 else ''}"
+    return (f"{c['model']}_{tag or 'data'}_frac{c['frac']:g}_"
+            f"{n // 1000 if n % 1000 == 0 else n}{'k' if n % 1000 == 0 else ''}")
 
 
 def build_jobs(cells, opt, out, seeds, scratch):
@@ -266,7 +276,8 @@ def build_jobs(cells, opt, out, seeds, scratch):
 
     def downstream(task, model, pre, seed):
         script, folder, extra, _, _ = TASKS[task]
-        out_dir = os.path.join(pre["out_dir"], f"ft_{task}_s{seed}") if pre else os.path.join(out, "runs", "scratch", f"{model}_{task}_s{seed}")
+        out_dir = (os.path.join(pre["out_dir"], f"ft_{task}_s{seed}") if pre
+                   else os.path.join(out, "runs", "scratch", f"{model}_{task}_s{seed}"))
         flags = ["--model", model, "--data", os.path.join(root, folder) if folder else "synthetic", *extra,
                  "--pretrained", pre["out_dir"] if pre else "none", "--seed", str(seed), "--out_dir", out_dir]
         name = f"{pre['name'] if pre else 'scratch_' + model}.{task}_s{seed}"
@@ -278,8 +289,8 @@ def build_jobs(cells, opt, out, seeds, scratch):
         folder, extra, _ = DATASETS.get(c["data"], (c["data"], (), None))
         data = c["data"] if c["data"] not in DATASETS else os.path.join(root, folder) if folder else "synthetic"
         out_dir = os.path.join(out, "runs", name)
-        flags = ["--model", c["model"], "--data", data, *(e.format(root=root) for e in extra), "--frac", f"{c['frac']:g}",
-                 "--iters", str(c["iters"]), "--out_dir", out_dir]
+        flags = ["--model", c["model"], "--data", data, *(e.format(root=root) for e in extra),
+                 "--frac", f"{c['frac']:g}", "--iters", str(c["iters"]), "--out_dir", out_dir]
         world, user = opt.nodes * gpus, shlex.split(opt.pretrain_args)
         if c["model"] in PAPER_SIZES:  # a first micro-batch that fits (README), never more than the batch allows
             batch = int(flag(user, "--batch_size", 2048))
@@ -319,8 +330,10 @@ def plan(jobs, opt):
     models, nothing = [m for m in SIZES if any(job["model"] == m for job in jobs)], "-"
     print(f"\nGPU-hours {''.join(f'{k:>12}' for k in kinds)}{'all':>12}")
     for m in models + ["all"]:
-        cells = [[h for job, _, h, _ in rows if (job["task"] or "pretrain") == k and m in (job["model"], "all")] for k in kinds]
-        print(f"{m:<9} {''.join(f'{sum(h):>12.1f}' if h else f'{nothing:>12}' for h in cells)}{sum(map(sum, cells)):>12.1f}")
+        cells = [[h for job, _, h, _ in rows if (job["task"] or "pretrain") == k and m in (job["model"], "all")]
+                 for k in kinds]
+        print(f"{m:<9} {''.join(f'{sum(h):>12.1f}' if h else f'{nothing:>12}' for h in cells)}"
+              f"{sum(map(sum, cells)):>12.1f}")
     print(f"\nFLOPs: training FLOPs per image (forward + backward, as FlopCounterMode counts them) x images / "
           f"({opt.mfu:g} x {opt.peak_tflops:g} TFLOPS) (--mfu, --peak_tflops)." +
           (f" measured: images / img/s of {opt.bench}, one GPU's rate scaled linearly." if rates else "") +
@@ -395,21 +408,24 @@ exit $((rc ? rc : 1))
 
 def sbatch_file(job, opt, out):
     gpus = opt.gpus_per_node or 8
-    command = (f'torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {gpus} --rdzv_backend c10d --rdzv_endpoint "$HEAD:$PORT" '
-               f'--rdzv_id "$SLURM_JOB_ID" {shlex.join([job["script"]] + job["flags"])}')
-    extra = [f"#SBATCH --{k}={v}" for k, v in (("partition", opt.partition), ("account", opt.account), ("qos", opt.qos)) if v]
+    command = (f'torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {gpus} --rdzv_backend c10d '
+               f'--rdzv_endpoint "$HEAD:$PORT" --rdzv_id "$SLURM_JOB_ID" {shlex.join([job["script"]] + job["flags"])}')
+    extra = [f"#SBATCH --{k}={v}" for k, v in (("partition", opt.partition), ("account", opt.account),
+                                               ("qos", opt.qos)) if v]
     extra += [f"#SBATCH {a}" for a in opt.sbatch] + (["#SBATCH --kill-on-invalid-dep=yes"] if job["after"] else [])
-    what = "SimMIM pre-training" if job["task"] is None else f"{job['task']} fine-tuning after {job['after'] or 'none (from scratch)'}"
-    values = dict(name=job["name"], what=what, nodes=job["nodes"], gpus=gpus, cpus=gpus * opt.cpus_per_gpu, time=opt.time,
-                  logs=shlex.quote(os.path.join(out, "logs")), warn=opt.signal_time, extra="\n".join(extra), root=shlex.quote(ROOT),
-                  out_dir=shlex.quote(job["out_dir"]), command=command)
+    what = ("SimMIM pre-training" if job["task"] is None
+            else f"{job['task']} fine-tuning after {job['after'] or 'none (from scratch)'}")
+    values = dict(name=job["name"], what=what, nodes=job["nodes"], gpus=gpus, cpus=gpus * opt.cpus_per_gpu,
+                  time=opt.time, logs=shlex.quote(os.path.join(out, "logs")), warn=opt.signal_time,
+                  extra="\n".join(extra), root=shlex.quote(ROOT), out_dir=shlex.quote(job["out_dir"]), command=command)
     return SBATCH.format(**values)
 
 
 def submit_script(jobs):
     """Submits every job in order, a fine-tune with --dependency=afterok on its pre-training's job id. A run that
     is complete is skipped (its fine-tunes then wait for nothing), so rerunning it submits what is missing."""
-    lines = ["#!/bin/bash", "# Submits the grid: pre-trainings, then fine-tunes that wait for theirs (afterok). Complete runs",
+    lines = ["#!/bin/bash",
+             "# Submits the grid: pre-trainings, then fine-tunes that wait for theirs (afterok). Complete runs",
              "# (summary.json) are skipped, so rerun it after a failure; jobs still queued would be submitted twice:",
              "# look at squeue first (the second would stop at the run directory's lock).",
              "set -euo pipefail", 'cd "$(dirname "$0")/jobs"', "declare -A id",
@@ -458,7 +474,8 @@ def run_local(jobs, opt):
         if rc or not os.path.exists(os.path.join(job["out_dir"], "summary.json")):
             print(f"failed: {job['name']} (exit {rc})", flush=True)
             failed.append(job["name"])
-    print(f"{len(jobs) - len(failed)} of {len(jobs)} runs complete" + (f"; failed or skipped: {', '.join(failed)}" if failed else ""))
+    print(f"{len(jobs) - len(failed)} of {len(jobs)} runs complete"
+          + (f"; failed or skipped: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -467,11 +484,12 @@ def launch(jobs, opt, out):
     for job in jobs:
         batch = cost(job)["batch"]
         if batch % job["world"]:
-            raise ValueError(f"--nodes/--ft_nodes x --gpus_per_node = {job['world']} processes do not divide the global "
-                             f"batch {batch} of {job['name']}: use a divisor of it")
+            raise ValueError(f"--nodes/--ft_nodes x --gpus_per_node = {job['world']} processes do not divide "
+                             f"the global batch {batch} of {job['name']}: use a divisor of it")
     manifest = dict(grid=opt.grid, executor=opt.executor, created=time.strftime("%Y-%m-%d %H:%M:%S"),
                     jobs=[dict(name=j["name"], script=j["script"], task=j["task"], model=j["model"], after=j["after"],
-                               out_dir=j["out_dir"], iters=j.get("iters"), command=shlex.join([j["script"]] + j["flags"]))
+                               out_dir=j["out_dir"], iters=j.get("iters"),
+                               command=shlex.join([j["script"]] + j["flags"]))
                          for j in jobs])
     files = {os.path.join(out, "grid.json"): json.dumps(manifest, indent=1) + "\n"}
     if opt.executor == "slurm":
@@ -490,7 +508,8 @@ def launch(jobs, opt, out):
         with open(path, "w") as f:
             f.write(text)
     if opt.executor == "slurm":
-        print(f"wrote {len(jobs)} job files to {os.path.join(out, 'jobs')}; submit them with: bash {os.path.join(out, 'submit.sh')}")
+        print(f"wrote {len(jobs)} job files to {os.path.join(out, 'jobs')}; "
+              f"submit them with: bash {os.path.join(out, 'submit.sh')}")
         return 0
     return run_local(jobs, opt)
 
@@ -566,7 +585,7 @@ def nonfinite_streak(train):
 
 def overfitting_step(rows):
     """The first step at which the validation loss had risen at two evaluations in a row: flagged by mim.py's
-    live warning ("overfitting": true), or found in the val_loss rows (so older runs are judged too)."""
+    live warning ("overfitting": true), or found in the val_loss rows (so a log without the flag is judged too)."""
     flagged = [r["step"] for r in rows if r.get("overfitting")]
     v = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     rises = [s2 for (_, a), (_, b), (s2, c) in zip(v, v[1:], v[2:]) if a < b < c]
@@ -579,7 +598,8 @@ def describe(run_dir, iters=None):
     if not any(os.path.exists(os.path.join(run_dir, f)) for f in files):
         return dict(state="missing")
     args = read_json(os.path.join(run_dir, "args.json")) or {}
-    summary, rows, identity = read_json(os.path.join(run_dir, "summary.json")), log_rows(run_dir), args.get("identity") or {}
+    summary, rows = read_json(os.path.join(run_dir, "summary.json")), log_rows(run_dir)
+    identity = args.get("identity") or {}
     iters = args.get("iters") or identity.get("iters") or iters
     batch, world = identity.get("batch_size") or args.get("batch_size"), args.get("world_size") or 1
     train = [r for r in rows if "train_loss" in r]
@@ -679,39 +699,59 @@ def seed_list(text):
 
 def slurm_time(text):
     if not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: want SLURM's [days-]hours:minutes:seconds, e.g. 24:00:00 or 2-00:00:00")
+        raise argparse.ArgumentTypeError(f"{text!r}: want SLURM's [days-]hours:minutes:seconds, "
+                                         "e.g. 24:00:00 or 2-00:00:00")
     return text
 
 
 def get_parser():
     grid = argparse.ArgumentParser(add_help=False)
     g = grid.add_argument_group("the grid")
-    g.add_argument("--grid", default="paper", help="paper (paper_runs.csv: 63 runs), miniature (miniature.sh's 16) or a CSV file")
-    g.add_argument("--out", default=None, help="study folder: grid.json, jobs/, logs/, runs/<run>/; default study/<grid>")
-    g.add_argument("--tasks", type=task_list, default=None, help=f"downstream tasks to keep, comma-separated ({','.join(TASKS)}) or none; default: each row's")
-    g.add_argument("--seeds", type=seed_list, default=None, help="fine-tuning seeds, e.g. 0,1,2; default 0 (miniature 0,1,2)")
-    g.add_argument("--data_root", default="data", help="holds imagenet/, in22k/train.txt, inat2018/, coco/, ADEChallengeData2016/")
-    g.add_argument("--pretrain_args", default="", help="more mim.py flags for every pre-training, as one string: --pretrain_args='--workers 10'")
-    g.add_argument("--finetune_args", default="", help="more flags for every downstream script, as one string (the last of a flag wins)")
+    g.add_argument("--grid", default="paper",
+                   help="paper (paper_runs.csv: 63 runs), miniature (miniature.sh's 16) or a CSV file")
+    g.add_argument("--out", default=None,
+                   help="study folder: grid.json, jobs/, logs/, runs/<run>/; default study/<grid>")
+    g.add_argument("--tasks", type=task_list, default=None,
+                   help=f"downstream tasks to keep, comma-separated ({','.join(TASKS)}) or none; default: each row's")
+    g.add_argument("--seeds", type=seed_list, default=None,
+                   help="fine-tuning seeds, e.g. 0,1,2; default 0 (miniature 0,1,2)")
+    g.add_argument("--data_root", default="data",
+                   help="holds imagenet/, in22k/train.txt, inat2018/, coco/, ADEChallengeData2016/")
+    g.add_argument("--pretrain_args", default="",
+                   help="more mim.py flags for every pre-training, as one string: --pretrain_args='--workers 10'")
+    g.add_argument("--finetune_args", default="",
+                   help="more flags for every downstream script, as one string (the last of a flag wins)")
     g.add_argument("--nodes", type=positive(int), default=1, help="nodes per pre-training job")
     g.add_argument("--ft_nodes", type=positive(int), default=1, help="nodes per downstream job")
-    g.add_argument("--gpus_per_node", type=positive(int), default=None, help="GPUs (processes) per node; default 8 (local: 1)")
+    g.add_argument("--gpus_per_node", type=positive(int), default=None,
+                   help="GPUs (processes) per node; default 8 (local: 1)")
     p = Parser(prog="study.py", description="the paper's grid: plan its cost, launch it, watch it")
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("plan", parents=[grid], help="each run's command, images, epochs, GPU-hours; totals")
-    pl.add_argument("--mfu", type=fraction, default=0.2, help="model FLOPs utilisation assumed, in (0, 1]; 0.2 (perf.md: 18-25 %% is a realistic H100 target)")
-    pl.add_argument("--peak_tflops", type=positive(float), default=989, help="dense bf16 peak of a GPU in TFLOPS; 989 = H100 SXM, H200")
-    pl.add_argument("--bench", default=None, help="a `bench.py --what gpu --json` report: its measured img/s replace the FLOPs estimate where they apply")
+    pl.add_argument("--mfu", type=fraction, default=0.2,
+                    help="model FLOPs utilisation assumed, in (0, 1]; 0.2 (NVIDIA's NeMo ViT-g performance page: "
+                         "about 29 %% MFU on H100, untuned; a narrow SwinV2 stays below that)")
+    pl.add_argument("--peak_tflops", type=positive(float), default=989,
+                    help="dense bf16 peak of a GPU in TFLOPS; 989 = H100 SXM, H200")
+    pl.add_argument("--bench", default=None,
+                    help="a `bench.py --what gpu --json` report: its measured img/s replace the FLOPs estimate "
+                         "where they apply")
     la = sub.add_parser("launch", parents=[grid], help="sbatch files + submit.sh (slurm), or run the grid here (local)")
-    la.add_argument("--executor", choices=["slurm", "local"], required=True, help="slurm: write job files; local: run one after another")
-    la.add_argument("--dry_run", action="store_true", help="print the files (and commands) instead of writing or running them")
-    la.add_argument("--time", type=slurm_time, default="24:00:00", help="time limit per job; a run longer than this is requeued and resumes")
+    la.add_argument("--executor", choices=["slurm", "local"], required=True,
+                    help="slurm: write job files; local: run one after another")
+    la.add_argument("--dry_run", action="store_true",
+                    help="print the files (and commands) instead of writing or running them")
+    la.add_argument("--time", type=slurm_time, default="24:00:00",
+                    help="time limit per job; a run longer than this is requeued and resumes")
     la.add_argument("--partition", default=None, help="#SBATCH --partition")
     la.add_argument("--account", default=None, help="#SBATCH --account")
     la.add_argument("--qos", default=None, help="#SBATCH --qos")
-    la.add_argument("--sbatch", action="append", default=[], help="any other #SBATCH option, repeatable: --sbatch=--mem=0")
-    la.add_argument("--cpus_per_gpu", type=positive(int), default=8, help="CPU cores per GPU (data loading: README, 5-12 per GPU)")
-    la.add_argument("--signal_time", type=positive(int), default=300, help="seconds before the time limit at which a job saves and requeues")
+    la.add_argument("--sbatch", action="append", default=[],
+                    help="any other #SBATCH option, repeatable: --sbatch=--mem=0")
+    la.add_argument("--cpus_per_gpu", type=positive(int), default=8,
+                    help="CPU cores per GPU (data loading: README, 5-12 per GPU)")
+    la.add_argument("--signal_time", type=positive(int), default=300,
+                    help="seconds before the time limit at which a job saves and requeues")
     st = sub.add_parser("status", help="one row per run, from the run directories' files")
     st.add_argument("paths", nargs="+", help="a study folder (its grid.json), run directories, or quoted globs of them")
     return p
@@ -731,7 +771,8 @@ def main(argv=None):
             raise ValueError("--executor local runs on this machine: --nodes 1 --ft_nodes 1")
         if opt.executor == "local":
             opt.gpus_per_node = opt.gpus_per_node or 1
-        return launch(build_jobs(cells, opt, os.path.abspath(out), opt.seeds or seeds, scratch), opt, os.path.abspath(out))
+        return launch(build_jobs(cells, opt, os.path.abspath(out), opt.seeds or seeds, scratch), opt,
+                      os.path.abspath(out))
     except ValueError as e:
         sys.exit(f"error: {e}")
 

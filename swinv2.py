@@ -78,9 +78,11 @@ class WindowAttention(nn.Module):
         table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
         # shape-dependent buffers are recomputed from the config, never loaded: non-persistent
         self.register_buffer("relative_coords_table", table.view(-1, 2), persistent=False)  # ((2ws-1)^2, 2)
-        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")).flatten(1)
+        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                            indexing="ij")).flatten(1)  # (2, N)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)  # (N, N, 2)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window_size - 1) + rel[..., 1], persistent=False)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window_size - 1) + rel[..., 1],
+                             persistent=False)  # (N, N)
 
     def position_bias(self):
         """(nH, N, N): 16 * sigmoid(MLP(coords)), so each bias lies in (0, 16)."""
@@ -94,7 +96,8 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (B_, nH, N, hd)
         # cosine attention as plain scaled dot-product attention: fold the temperature into q.
-        # The clamp uses a Python float (a tensor created on the CPU breaks on GPU, Swin issue #237).
+        # The clamp uses a Python float: a max tensor created on the CPU fails on a GPU
+        # (microsoft/Swin-Transformer issue #237).
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (nH, 1, 1)
         q = F.normalize(q, dim=-1) * scale
         k = F.normalize(k, dim=-1)
@@ -251,7 +254,8 @@ class SwinV2Config:
         self.depths, self.pretrained_window_sizes = tuple(self.depths), tuple(self.pretrained_window_sizes)
         stride = self.patch_size * 2 ** (len(self.depths) - 1)
         if self.img_size % stride:
-            raise ValueError(f"image size {self.img_size} must be divisible by {stride} (patch {self.patch_size} x 3 merges)")
+            raise ValueError(f"image size {self.img_size} must be divisible by {stride} "
+                             f"(patch {self.patch_size} x 3 merges)")
         resolutions = [self.img_size // self.patch_size // 2**i for i in range(len(self.depths))]
         for i, res in enumerate(resolutions):
             if res > self.window_size and res % self.window_size:
@@ -261,7 +265,8 @@ class SwinV2Config:
         # a window larger than the map is clamped to the map (official behaviour): 192 px / w12 -> 12,12,12,6
         derived = tuple(min(self.window_size, r) for r in resolutions)
         if self.window_sizes is not None and tuple(self.window_sizes) != derived:
-            raise ValueError(f"window_sizes {tuple(self.window_sizes)} disagree with window {self.window_size} at image {self.img_size}: {derived}")
+            raise ValueError(f"window_sizes {tuple(self.window_sizes)} disagree with window {self.window_size} "
+                             f"at image {self.img_size}: {derived}")
         self.window_sizes = derived
 
 
@@ -291,8 +296,9 @@ class SwinV2(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(n):
             start = sum(cfg.depths[:i])
-            self.layers.append(Stage(dims[i], res // 2**i, cfg.depths[i], dims[i] // cfg.head_dim, cfg.window_sizes[i],
-                                     cfg.pretrained_window_sizes[i], drop_paths[start:start + cfg.depths[i]], i < n - 1))
+            self.layers.append(Stage(dims[i], res // 2**i, cfg.depths[i], dims[i] // cfg.head_dim,
+                                     cfg.window_sizes[i], cfg.pretrained_window_sizes[i],
+                                     drop_paths[start:start + cfg.depths[i]], i < n - 1))
         if cfg.pyramid:  # one norm per stage output, as the official Swin detection backbone; no final norm, no head
             self.pyramid_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         else:
@@ -367,7 +373,8 @@ def create(name, img_size=None, window_size=None, pretrained_window_sizes=None, 
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
     kw = dict(PRESETS[name], num_classes=num_classes, drop_path_rate=drop_path_rate, pyramid=pyramid)
-    for key, value in (("img_size", img_size), ("window_size", window_size), ("pretrained_window_sizes", pretrained_window_sizes)):
+    for key, value in (("img_size", img_size), ("window_size", window_size),
+                       ("pretrained_window_sizes", pretrained_window_sizes)):
         if value is not None:
             kw[key] = value
     model = SwinV2(SwinV2Config(**kw))
@@ -423,7 +430,8 @@ def load_pretrained(model: SwinV2, checkpoint, strict_head=False):
         if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
             blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
     depths = [blocks[i] for i in sorted(blocks)]
-    theirs, ours = describe(sd["patch_embed.proj.weight"].shape[0], depths), describe(model.cfg.embed_dim, model.cfg.depths)
+    theirs, ours = (describe(sd["patch_embed.proj.weight"].shape[0], depths),
+                    describe(model.cfg.embed_dim, model.cfg.depths))
     if theirs != ours:
         raise ValueError(f"checkpoint is {theirs} but the model is {ours}; pick the matching --model")
     own = model.state_dict()

@@ -141,11 +141,12 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
             if done % r["log_every"] == 0 or last:
                 row = tally.row(done, done / r["epoch_steps"], lr_at(step, 1.0), r["batch_size"], device)
                 run.log(**row)
-                bar.set_postfix(loss=f"{row['train_loss'] or math.nan:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['train_loss'] or math.nan:.4f}", lr=f"{row['lr']:.2e}",
+                                img_s=f"{row['img_per_s']:.0f}")
             if tally.streak >= MAX_NON_FINITE:
-                fail(f"{tally.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: the "
-                     f"weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a rerun "
-                     f"repeats the same steps. Lower --lr, or look at the data", master)
+                fail(f"{tally.streak} non-finite steps in a row (gradient norm NaN or inf), the last at step {done}: "
+                     f"the weights have diverged. The last good checkpoint is {run.ckpt} (made before the streak); a "
+                     f"rerun repeats the same steps. Lower --lr, or look at the data", master)
             signum = stop.requested()
             if signum or last:  # the weights are safe before an evaluation starts; a stop does not wait for it
                 save(done)
@@ -183,8 +184,9 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is None:
-            print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping"
-                  f"{' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping{again}",
+                  file=sys.stderr, flush=True)
             self.signum = signum
         elif signum == signal.SIGINT:
             print("\nCtrl-C again: stopped at once; the last checkpoint stays", file=sys.stderr, flush=True)
@@ -241,7 +243,8 @@ class Tally:
                 self.my_bad += n
                 for i in self.stream.skipped(p, n):
                     if i not in self.bad_files and i not in self.my_files:
-                        tqdm.write(f"unreadable image {data.failure(self.stream.dataset, i)}: replaced by another sample")
+                        tqdm.write(f"unreadable image {data.failure(self.stream.dataset, i)}: "
+                                   f"replaced by another sample")
                     self.my_files.add(i)
 
     def settle(self, device):
@@ -266,7 +269,8 @@ class Tally:
         taken = [s for s in self.steps if s[-1]]
         mean = lambda i: sum(s[i] for s in taken) / len(taken) if taken else None
         dt, wait = time.time() - self.t0, all_sum(self.wait, device=device)[0] / self.world
-        row = dict(step=step, epoch=epoch, lr=lr, train_loss=mean(0), **{n: mean(i + 1) for i, n in enumerate(self.names)},
+        terms = {n: mean(i + 1) for i, n in enumerate(self.names)}
+        row = dict(step=step, epoch=epoch, lr=lr, train_loss=mean(0), **terms,
                    grad_norm=float(self.norm), img_per_s=self.timed * batch_size / dt, data_wait=wait / dt,
                    skipped_steps=self.skipped, bad_images=self.bad, bad_files=len(self.bad_files))
         self.steps, self.timed, self.wait, self.t0 = [], 0, 0.0, time.time()
@@ -304,7 +308,8 @@ def param_groups(model, weight_decay, skip=("mask_token",), layer_scale=None):
         no_decay = p.ndim == 1 or name.endswith(".bias") or any(s in name for s in skip)
         scale = layer_scale(name) if layer_scale else 1.0
         key = (scale, not no_decay)
-        groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
+        groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                "lr_scale": scale})
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
@@ -335,7 +340,8 @@ def ddp(model, device):
     re-broadcast at every forward: ours are computed from the sizes (the same on every rank) or are
     BatchNorm statistics that each process keeps (SyncBatchNorm on GPUs). Torch 2.14 renamed the switch
     (broadcast_buffers -> forward_sync_buffers, with a FutureWarning per rank for the old name)."""
-    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    sync = "forward_sync_buffers" if new_name else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                **{sync: False})
 
@@ -378,9 +384,10 @@ def load_checkpoint(path, need=()):
     except Exception as e:  # truncated, empty, garbage, or pickled classes: torch raises many kinds
         if "GLOBAL" in str(e):  # a complete file that pickles a class (the official yacs config)
             what = re.search(r"GLOBAL ([\w.]+)", str(e))[1]
-            raise ValueError(f"{path} pickles {what}, which weights_only loading refuses; if you trust the file, keep its "
-                             f"weights: python -c \"import torch; torch.save({{'model': torch.load('{path}', weights_only=False)"
-                             f"['model']}}, 'weights.pt')\" and use weights.pt") from None
+            raise ValueError(f"{path} pickles {what}, which weights_only loading refuses; if you trust the file, "
+                             f"keep its weights: python -c \"import torch; torch.save({{'model': "
+                             f"torch.load('{path}', weights_only=False)['model']}}, 'weights.pt')\" "
+                             f"and use weights.pt") from None
         why = "an empty file" if os.path.getsize(path) == 0 else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         raise ValueError(f"{path} is not a readable checkpoint ({why}); it was left as it is: move it away to start "
                          f"over (mv {path} {path}.broken)") from None
@@ -430,8 +437,9 @@ class RunDir:
                 os.rmdir(self.path)
             if busy:
                 return f"{self.path} is in use by {holder}: wait for it to end, or use another --out_dir"
-            return (f"--out_dir {self.path}: its file system cannot lock files ({os.strerror(e.errno)}); without a lock two "
-                    f"jobs could write one run at once: use a run directory on a local or lock-capable file system")
+            return (f"--out_dir {self.path}: its file system cannot lock files ({os.strerror(e.errno)}); without a "
+                    f"lock two jobs could write one run at once: use a run directory on a local or lock-capable "
+                    f"file system")
         self.lock.truncate(0)
         self.lock.write(f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
         self.lock.flush()
@@ -476,7 +484,8 @@ class RunDir:
         differ = [f"{'--' if k in vars_of(identity) else ''}{k} {ckpt['identity'].get(k)} there, {identity.get(k)} here"
                   for k in sorted(set(identity) | set(ckpt["identity"])) if ckpt["identity"].get(k) != identity.get(k)]
         if differ:
-            fail(f"{self.ckpt} belongs to another run: {'; '.join(differ)}. Rerun with its flags, or use another --out_dir", master)
+            fail(f"{self.ckpt} belongs to another run: {'; '.join(differ)}. Rerun with its flags, or use another "
+                 f"--out_dir", master)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if master:  # (checkpoints written before log_rows existed cover the rows up to their step)
@@ -522,7 +531,8 @@ class RunDir:
         if self.master:
             with open(self.file("log.jsonl"), "a") as f:
                 os.fsync(f.fileno())
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, log_rows=self.logged, **meta)
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                         log_rows=self.logged, **meta)
             atomic_write(self.ckpt, lambda f: torch.save(state, f))
         if dist.is_initialized():
             dist.barrier()
@@ -536,8 +546,9 @@ def vars_of(identity):
 
 # Flags that never change what a run computes: free to change when a run resumes (see RunDir.resume).
 # Each script adds its own (e.g. its evaluation subset) and passes the set to identity_of.
-FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir", "eval_only",
-        "dist_timeout", "data", "val_data"}  # the data is identified by its content (size and hash), so it may move between jobs
+# The data is identified by its content (size and hash), so its path may change between jobs.
+FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir",
+        "eval_only", "dist_timeout", "data", "val_data"}
 
 
 def identity_of(args, r, free, **content):
@@ -565,7 +576,8 @@ def setup_distributed(timeout_min=60):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_min))
     return rank, local_rank, world, device
 
 
@@ -613,7 +625,8 @@ def autocast(device, dtype):
 def warn_cpu(model):
     """One line before any work when a paper-sized model will run on a CPU: minutes per step, not a hang."""
     if model in swinv2.PAPER_SIZES and not torch.cuda.is_available():
-        print0(f"warning: SwinV2-{model} on a CPU takes minutes per step (no GPU found); the CPU sizes are nano and tiny")
+        print0(f"warning: SwinV2-{model} on a CPU takes minutes per step (no GPU found); "
+               f"the CPU sizes are nano and tiny")
 
 
 def device_setup(device, dtype_flag, workers):
@@ -645,17 +658,20 @@ def load_for_eval(path, model, encoder, name, master, classes=None):
     theirs = (ckpt["identity"].get("model"), ckpt["identity"].get("data_classes"))
     if theirs[0] != name or (classes is not None and theirs[1] != classes):
         fail(f"{path} is a SwinV2-{theirs[0]}" + (f" with {theirs[1]} classes" if classes is not None else "")
-             + f"; this is SwinV2-{name}" + (f" with {classes}" if classes is not None else "") + f": pass --model {theirs[0]}", master)
+             + f"; this is SwinV2-{name}" + (f" with {classes}" if classes is not None else "")
+             + f": pass --model {theirs[0]}", master)
     plain = lambda v: list(v) if isinstance(v, (tuple, list)) else v
     saved = ckpt.get("model_config") or {}
     differ = [f"{k} {plain(saved[k])} vs {plain(v)}" for k, v in swinv2.model_config(encoder).items()
               if k in saved and k != "drop_path_rate" and plain(saved[k]) != plain(v)]
     if differ:
-        fail(f"{path} was trained as another model ({', '.join(differ)} here): pass the flags of its run (args.json)", master)
+        fail(f"{path} was trained as another model ({', '.join(differ)} here): pass the flags of its run "
+             f"(args.json)", master)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # a head of another size (e.g. --fpn_channels)
-        fail(f"{path} does not fit this model: {(str(e).splitlines()[1:] or [str(e)])[0].strip()} ...; pass the flags of its run (args.json)", master)
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        fail(f"{path} does not fit this model: {first} ...; pass the flags of its run (args.json)", master)
     return ckpt
 
 
@@ -682,14 +698,18 @@ def number(kind, lo, hi=None, lo_open=False, hi_open=False):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'} {want}, got {text!r}") from None
-        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"want {what} {want}, got {text!r}") from None
+        too_low = v <= lo if lo_open else v < lo
+        too_high = hi is not None and (v >= hi if hi_open else v > hi)
+        if not math.isfinite(v) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return v
     return parse
 
 
-count, natural, positive, non_negative = number(int, 1), number(int, 0), number(float, 0, lo_open=True), number(float, 0)
+count, natural = number(int, 1), number(int, 0)  # > 0, >= 0
+positive, non_negative = number(float, 0, lo_open=True), number(float, 0)
 
 
 def model_name(text):
@@ -722,4 +742,5 @@ def batch_split(B, micro_batch, world_size):
 
 
 if __name__ == "__main__":
-    sys.exit("train.py is not a script: it holds the run that mim.py, finetune.py, detect.py and segment.py share; run one of those")
+    sys.exit("train.py is not a script: it holds the run that mim.py, finetune.py, detect.py and segment.py share; "
+             "run one of those")

@@ -107,7 +107,8 @@ def test_masked_patches_see_only_the_mask_token():
 
 
 def test_mask_token_starts_trunc_normal_std_002():
-    """official_code.md B.1: the mask token is trunc-normal with std 0.02 (the five paper sizes: 1216 values)."""
+    """microsoft/Swin-Transformer models/simmim.py: the mask token is trunc-normal with std 0.02 (the five paper
+    sizes: 1216 values)."""
     torch.manual_seed(0)
     tokens = []
     for size in swinv2.PAPER_SIZES:

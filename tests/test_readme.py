@@ -4,6 +4,7 @@ import importlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,13 +92,18 @@ def test_miniature_script_runs_what_is_missing_in_order_and_stops_on_a_failure(t
         done = subprocess.run(["bash", os.path.join(ROOT, "miniature.sh")], env=dict(env, **extra), capture_output=True, text=True)
         return done.returncode, [line.split()[0] for line in calls.read_text().splitlines()], done.stderr
 
-    rc, scripts, _ = run()
+    # one run at a time, so the start order is the queue's: pre-trainings, then the longest runs first
+    rc, scripts, _ = run(JOBS="1")
     assert rc == 0 and len(scripts) == 16 + 10 + 16 * 3 + 2 * 3 + 1 and scripts[-1] == "analyze.py"
     assert set(scripts[:16]) == {"mim.py"} and scripts[16:21] == ["detect.py"] * 5  # longest first
     assert scripts.count("segment.py") == 5 and scripts.count("finetune.py") == 54
     assert (out / "tiny_frac0.01_600" / "ft_s2" / "summary.json").exists() and (out / "scratch" / "nano_s0" / "summary.json").exists()
     assert (out / "logs" / "tiny_frac0.01_600_det_s0.txt").exists() and (out / "logs" / "scratch_tiny_seg_s0.txt").exists()
     assert run() == (0, ["analyze.py"], "")  # all complete: only the analysis again
+    # two at a time (the default): two runs start together, so their lines may come in either order
+    shutil.rmtree(out)
+    rc, parallel, _ = run()
+    assert rc == 0 and sorted(parallel) == sorted(scripts) and set(parallel[:16]) == {"mim.py"} and parallel[-1] == "analyze.py"
     for d in ("nano_frac1_150/ft_s1", "nano_frac1_150/ft_s2"):
         os.remove(out / d / "summary.json")
     rc, scripts, err = run(FAIL="ft_s1", JOBS="1")

@@ -3,7 +3,10 @@ where the scripts read it: `mim.py --model B` and `finetune.py --model B` with t
 (resolve(), then the model, masks, transforms and LR function built as main builds them), and, for what
 only main itself builds (the AdamW settings, the weight-decay groups, the epoch length), the checkpoint
 of a tiny run of main. Changing any number in the code fails the test named after it.
-Sources: reference/paper.md, reference/official_code.md B.2-B.7 (the official SwinV2-B SimMIM configs)."""
+Sources: arXiv 2206.04664 and microsoft/Swin-Transformer (MODELHUB.md, "SimMIM Pretrained Swin-V2 Models"; the
+official SwinV2-B SimMIM configs configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml and
+configs/simmim/simmim_finetune__swinv2_base__img224_window14__800ep.yaml; config.py, data/data_simmim_pt.py,
+main_simmim_pt.py, main_simmim_ft.py, optimizer.py, lr_scheduler.py)."""
 import json
 
 import numpy as np

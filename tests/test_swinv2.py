@@ -58,9 +58,10 @@ def test_state_dict_keys_are_official():
 
 
 def reference_position_bias(attn, pretrained_window=0):
-    """(nH, N, N) from SwinV2 sec. 3.3 and official_code.md A.3, without the module's table or index: token i
-    of a W x W window sits at (i // W, i % W); the offset (dh, dw) of query i from key j, divided by (pretrained
-    window - 1), times 8, mapped by t -> sign(t) log2(1 + |t|) / log2(8), goes through the MLP; bias = 16 sigmoid."""
+    """(nH, N, N) from SwinV2 (arXiv 2111.09883) sec. 3.3 and WindowAttention in microsoft/Swin-Transformer
+    models/swin_transformer_v2.py, without the module's table or index: token i of a W x W window sits at
+    (i // W, i % W); the offset (dh, dw) of query i from key j, divided by (pretrained window - 1), times 8, mapped
+    by t -> sign(t) log2(1 + |t|) / log2(8), goes through the MLP; bias = 16 sigmoid."""
     W = attn.ws
     pos = torch.tensor([(i // W, i % W) for i in range(W * W)], dtype=torch.float64)  # (N, 2): row, column
     t = (pos[:, None] - pos[None, :]) / ((pretrained_window or W) - 1) * 8  # (N, N, 2): query minus key
@@ -116,7 +117,8 @@ def test_sdpa_attention_equals_reference(shifted):
 
 
 def test_initial_values_are_the_official_ones():
-    """official_code.md A.7: Linear weights trunc-normal std 0.02, biases 0, logit_scale ln 10 (temperature 0.1)."""
+    """microsoft/Swin-Transformer models/swin_transformer_v2.py (_init_weights, WindowAttention): Linear weights
+    trunc-normal std 0.02, biases 0, logit_scale ln 10 (temperature 0.1)."""
     torch.manual_seed(0)
     model = swinv2.create("tiny", num_classes=10)
     weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])  # 2.3M values
