@@ -12,7 +12,7 @@ on a CPU, CPU seconds of this process (time.process_time: the other jobs of a sh
 count, every thread of ours does), so "img/s" on a CPU is images per CPU-second. Threads that spin
 while they wait count too, and on a busy machine they spin long: compare with OMP_NUM_THREADS=1.
 
-The GPU report (--what gpu) measures, on one CUDA GPU, what the README needs and no test can: img/s
+The GPU report (--what gpu) measures, on one CUDA GPU, what docs/benchmarks.md needs and no test can: img/s
 and peak memory of mim.py's training step for S, B, L (eager and torch.compile) and H, g (grad
 checkpointing), the largest micro-batch of each size, model FLOPs and MFU, a training step of detect.py's
 Mask R-CNN (1024 px) and segment.py's UPerNet (512 px) for S, B, L, bf16 vs fp32, a fine-tuning step, the
@@ -889,8 +889,8 @@ def main(argv=None):
         return bench_data(args)
     if args.what == "gpu":
         if not torch.cuda.is_available():
-            print("bench.py --what gpu: no CUDA GPU here (torch.cuda.is_available() is False); nothing measured")
-            return None
+            sys.exit("error: bench.py --what gpu needs a CUDA GPU (torch.cuda.is_available() is False); "
+                     "nothing measured")
         return gpu_report(torch.device("cuda"), budget=args.budget, json_path=args.json, dtype=args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = train.autocast(device, train.amp_dtype(device, args.dtype))

@@ -294,15 +294,34 @@ def load(dataset, i, transform):
     return image, label, target
 
 
-def failure(dataset, i):
-    """'path (why)' for an image that load() could not read: the training process's warning."""
-    path = os.path.join(getattr(dataset, "root", ""), dataset.name(i))
+def unreadable(dataset, i):
+    """'path (why)' if dataset image i cannot be decoded, else None."""
     try:
         with dataset.open(i)[0] as img:
             img.load()
     except READ_ERRORS as e:
-        return f"{path} ({type(e).__name__}: {e})"
-    return f"{path} (failed in a transform)"
+        return f"{os.path.join(getattr(dataset, 'root', ''), dataset.name(i))} ({type(e).__name__}: {e})"
+    return None
+
+
+def failure(dataset, i):
+    """'path (why)' for an image that load() could not read: the training process's warning."""
+    why = unreadable(dataset, i)
+    return why or f"{os.path.join(getattr(dataset, 'root', ''), dataset.name(i))} (failed in a transform)"
+
+
+def check_readable(dataset, indices, what):
+    """Refuse a data set whose first images all fail to decode (a wrong folder, a broken copy) in one line,
+    before a run directory is made: `what` names the flag and path, then the first few files and why. On
+    good data the first image ends the check; a few bad files among good ones are the stream's to skip."""
+    bad = []
+    for i in list(indices[:MAX_BAD]):
+        why = unreadable(dataset, int(i))
+        if why is None:
+            return
+        bad.append(why)
+    raise ValueError(f"{what}: none of its first {len(bad)} images can be read: {'; '.join(bad[:3])}"
+                     + (" ..." if len(bad) > 3 else ""))
 
 
 

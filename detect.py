@@ -15,7 +15,7 @@ What this file teaches, in reading order:
   crowd regions, degenerate boxes, grayscale/CMYK) -> large-scale jitter with boxes recomputed from the cropped
   masks, bit-packed through the loader -> COCO evaluation gathered over ranks -> a picture of predictions.
 
-    python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k    # CPU, a few minutes
+    python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k    # CPU, a few minutes
     python detect.py --model tiny --data synthetic --pretrained none                    # from scratch
     torchrun --nproc_per_node 8 detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k
     python detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k --eval_only
@@ -320,7 +320,7 @@ def open_coco(path, split):
 
 def training_set(path):
     """The training images of --data, indexable: len() and items (image, target) as CocoIndex (what the training
-    stream reads; measured at COCO's size in README's Detection section)."""
+    stream reads; docs/detection.md)."""
     return open_coco(path, "train")
 
 
@@ -369,7 +369,8 @@ def mask_boxes(masks):
 
 def unpack_masks(bits, width):
     """(N, H, ceil(W / 8)) uint8 of np.packbits (first pixel in the high bit) -> (N, H, W) uint8 0/1, on bits' device:
-    the training process unpacks what the workers packed (8x less shared memory per item; see README)."""
+    the training process unpacks what the workers packed (8x less shared memory per item: a bit per pixel, not
+    a byte)."""
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
     return (bits[..., None] >> shifts & 1).flatten(-2)[..., :width]
 
@@ -700,6 +701,7 @@ def eval_only(run, model, K, val_loader, val_set, cat_ids, classes, val_idx, dev
     metrics = dict(epoch=ckpt["step"] / epoch_steps, **metrics)
     if master:
         train.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
+        print0(f"-> {run.file('eval.json')}")
     return metrics
 
 
@@ -725,6 +727,8 @@ def main(argv=None):
         if val_set.cat_ids != train_set.cat_ids:
             raise ValueError(f"--data {args.data}: the validation categories are not the training categories")
         steps(r, len(train_set), args.eval_every)
+        for dataset, split in ((train_set, "training"), (val_set, "validation")):
+            data.check_readable(dataset, range(len(dataset)), f"--data {args.data} ({split})")
         model, missing = build_model(args, r, ckpt, len(train_set.cat_ids))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -747,7 +751,7 @@ def main(argv=None):
         print0(f"{'global batch':>14} {B} = {r['micro_batch']} per process x {world} processes x "
                f"{r['accum']} accumulation")
         print0(f"{'schedule':>14} {r['epochs']} epochs x {r['epoch_steps']} steps ({N} images, task {r['task']}) = "
-               f"{r['iters']} steps, x0.1 after epochs {', '.join(f'{m:g}' for m in r['milestones'])}; "
+               f"{r['iters']} steps, x0.1 after epochs {', '.join(f'{m:.3g}' for m in r['milestones'])}; "
                f"jitter {r['jitter'][0]:g}-{r['jitter'][1]:g}")
         print0(f"{'LR':>14} {r['lr']:g} per 16 -> peak {r['peak_lr']:.3g} x layer scale (decay {r['layer_decay']}), "
                f"warmup {r['warmup_iters']} steps from 0.001x")
@@ -809,7 +813,7 @@ def main(argv=None):
         summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data,
                        pretrained=pretrained, metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]),
                        coco_eval=coco, **run.counters())
-        train.save_json(run.file("summary.json"), summary)
+        run.finish(summary)
         return coco
 
 

@@ -7,7 +7,7 @@ mim.py (or official) checkpoint, add a fresh linear head, and train with the off
 layer-wise LR decay 0.75, RandAugment, mixup + cutmix, label smoothing, random erasing. The CPU
 presets (nano, tiny) get a short plain recipe instead (RECIPES): 3 epochs, light crops, no mixing.
 
-    python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, a minute
+    python finetune.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k     # CPU, a minute
     python finetune.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc_per_node 8 finetune.py --model B --data data/imagenet --task in1k --pretrained out/B_frac0.5_125k
     # iNaturalist 2018: data/inat2018 holds its train2018.json and val2018.json
@@ -41,13 +41,14 @@ def pretrained_name(path):
     src = path.rstrip("/")
     src = (os.path.basename(os.path.dirname(src) if src.endswith("ckpt.pt") else src) if src != "none"
            else "scratch")
-    return src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.15k)
+    return src[: -len(".pth")] if src.endswith(".pth") else src  # a run dir name may hold dots (tiny_frac1_0.3k)
 
 
 def print_pretrained(p, missing):
     """Two lines of every downstream script's start: where the encoder comes from, what starts fresh."""
-    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']} {p['iters']} iters "
-                                     f"val_loss {p['val_loss']}" if p["run_dir"] else
+    val_loss = "n/a" if p["val_loss"] is None else f"{p['val_loss']:.4f}"
+    print0(f"{'pretrained':>14} " + (f"{p['path']}, SwinV2-{p['model']} frac {p['frac']:g} {p['iters']} iters "
+                                     f"val_loss {val_loss}" if p["run_dir"] else
                                      p["path"] or "none: from scratch"))
     if missing:
         print0(f"{'new':>14} {', '.join(missing)} (freshly initialised)")
@@ -301,7 +302,7 @@ def eval_only(run, model, missing, K, val_loader, device, ctx, model_name, maste
     else:
         step = 0
     top1, top5, n = evaluate(model, val_loader, device, ctx)
-    print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images")
+    print0(f"step {step}: top-1 {top1:.2f} %, top-5 {top5:.2f} % on {n} images -> {run.file('eval.json')}")
     if master:
         os.makedirs(run.path, exist_ok=True)
         train.save_json(run.file("eval.json"), dict(step=step, top1=top1, top5=top5, images=n))
@@ -321,6 +322,8 @@ def main(argv=None):
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of "
                              f"--data {args.data}")
         steps(r, len(train_set))
+        data.check_readable(train_set, range(len(train_set)), f"--data {args.data}")
+        data.check_readable(val_set, range(len(val_set)), f"--val_data {args.val_data or args.data}")
         model, missing = build_model(args, r, ckpt, K)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -414,7 +417,7 @@ def main(argv=None):
                        pretrained=pretrained, best_top1=max(row["top1"] for row in evals),
                        best_top5=max(row["top5"] for row in evals), last_top1=evals[-1]["top1"],
                        last_top5=evals[-1]["top5"], **run.counters())
-        train.save_json(run.file("summary.json"), summary)
+        run.finish(summary)
         return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 
 

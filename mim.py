@@ -136,12 +136,14 @@ class SimMIM(nn.Module):
 # The flags a preset decides: the paper's recipe for its sizes S..g (sec. 3), and a demo recipe of CPU
 # minutes for the small sizes nano and tiny. The demo predicts plain (ImageNet-normalised) pixels: the
 # 47 px local normalisation leaves only fine detail, which a 2M-parameter model does not learn in
-# minutes, so the demo would show nothing (docs/differences.md has the measurement).
+# minutes (docs/differences.md). Its mask cells are 8 px (64 of them on a 64 px image): a model this
+# small learns in minutes to continue a shape into an 8 px hole, not into a 16 px one, so the demo's
+# reconstruction pictures show structure (docs/miniature.md uses 16 px cells).
 RECIPES = {
     "paper": dict(iters=500000, batch_size=2048, lr=1e-4, mask_patch=32, norm_target=47, eval_every=5000, log_every=50,
                   save_every=1000),
-    "demo": dict(iters=150, batch_size=64, lr=3.2e-2, mask_patch=16, norm_target=0, eval_every=50, log_every=10,
-                 save_every=50),
+    "demo": dict(iters=300, batch_size=64, lr=3.2e-2, mask_patch=8, norm_target=0, eval_every=100, log_every=10,
+                 save_every=100),
 }
 # Flags that never change what a run computes (train.FREE): free to change when a run resumes.
 FREE = train.FREE
@@ -160,7 +162,7 @@ def get_parser():
                    help="stochastic depth rate, rising over blocks (paper 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("masking and loss")
-    g.add_argument("--mask_patch", type=train.count, default=None, help="mask cell in pixels; default 32 (tiny 16)")
+    g.add_argument("--mask_patch", type=train.count, default=None, help="mask cell in pixels; default 32 (tiny 8)")
     g.add_argument("--mask_ratio", type=train.number(float, 0, 1, True, True), default=0.6,
                    help="fraction of cells masked, rounded up (paper 0.6)")
     g.add_argument("--norm_target", type=train.natural, default=None,
@@ -179,7 +181,7 @@ def get_parser():
                    help="data-loader processes per process; default 8 on CUDA, 0 on CPU (the CPU computes)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=train.count, default=None,
-                   help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 150)")
+                   help="optimizer steps; default 500000 (paper 125K/250K/500K; tiny 300)")
     g.add_argument("--batch_size", type=train.count, default=None,
                    help="global batch in images; default 2048 (paper; tiny 64)")
     g.add_argument("--micro_batch", type=train.count, default=None,
@@ -198,10 +200,10 @@ def get_parser():
     g.add_argument("--out_dir", default=None,
                    help="run directory; default out/{model}_frac{frac}_{iters/1000}k; resumes if it has ckpt.pt")
     g.add_argument("--eval_every", type=train.count, default=None,
-                   help="steps between validation losses; default 5000 (tiny 50)")
+                   help="steps between validation losses; default 5000 (tiny 100)")
     g.add_argument("--log_every", type=train.count, default=None, help="steps between log lines; default 50 (tiny 10)")
     g.add_argument("--save_every", type=train.count, default=None,
-                   help="steps between checkpoints; default 1000 (tiny 50)")
+                   help="steps between checkpoints; default 1000 (tiny 100)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -312,7 +314,7 @@ def eval_only(run, model, args, val_loader, device, ctx, master):
     ckpt = train.load_for_eval(run.ckpt, model, model.encoder, args.model, master)
     val_loss = estimate_val_loss(model, val_loader, device, ctx)
     images = len(val_loader.dataset)
-    print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {images} images")
+    print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {images} images -> {run.file('eval.json')}")
     if master:
         train.save_json(run.file("eval.json"), dict(step=ckpt["step"], val_loss=val_loss, val_images=images))
     return val_loss
@@ -326,6 +328,9 @@ def main(argv=None):
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         train_set, val_set = data.open_splits(args.data, args.val_data)
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
+        val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])  # fixed for all runs
+        data.check_readable(train_set, subset, f"--data {args.data}")
+        data.check_readable(val_set, val_idx, f"--val_data {args.val_data or args.data}")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}" + ("; for the CPU demo use --data synthetic" if args.data == "data/imagenet" else ""))
     n_train, B = len(subset), r["batch_size"]
@@ -334,7 +339,6 @@ def main(argv=None):
     masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio, seed=args.seed)
     stream = data.TrainStream(train_set, subset, data.pretrain_transform(r["img_size"]), args.seed, masks=masks)
     # the validation images: a fixed set whatever the run, deterministic views, image i always with mask i
-    val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])
     val_masks = MaskGenerator(r["img_size"], r["mask_patch"], 4, args.mask_ratio, seed=0)
     val_stream = data.EvalSet(val_set, val_idx, data.val_transform(r["img_size"]), masks=val_masks)
     r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
@@ -429,7 +433,7 @@ def main(argv=None):
         summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
                        iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
                        train_loss=last("train_loss"), val_loss=last("val_loss"), **run.counters())
-        train.save_json(run.file("summary.json"), summary)
+        run.finish(summary)
         return summary["val_loss"]
 
 

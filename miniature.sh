@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper in miniature (README, "The paper in miniature"): the data-scaling grid of the paper, sized
+# The paper in miniature (docs/miniature.md): the data-scaling grid of the paper, sized
 # for a 2-core CPU. 2 models (nano 0.6M, tiny 2.3M parameters) x 4 fractions (1, 2.5, 10, 100 %) of the
 # 2000 synthetic training images x 2 lengths (150, 600 steps) = 16 SimMIM pre-trainings, each followed
 # by three fine-tunes (seeds 0, 1, 2; finetune.py's nano/tiny recipe, 3 epochs on all 2000 labelled
@@ -10,7 +10,7 @@
 #     bash miniature.sh                  # runs what is missing; Ctrl-C and run again to go on
 #     OUT=out/mini2 bash miniature.sh    # another grid directory
 #     JOBS=1 bash miniature.sh           # one run at a time, on every core
-#     SEEDS=0 bash miniature.sh          # one fine-tune per run: faster, but see the README on seeds
+#     SEEDS=0 bash miniature.sh          # one fine-tune per run: faster, but see docs/miniature.md on seeds
 #
 # Runs go JOBS at a time, the cores shared among them (on 2 cores two 1-thread runs do about 1.25x the
 # work of one 2-thread run): first the pre-trainings, then the runs that start from them, longest
@@ -41,7 +41,8 @@ drain() {  # run the queued runs, JOBS at a time, then empty the queue
 for model in tiny nano; do
   for frac in 0.01 0.025 0.1 1; do  # 20, 50, 200, 2000 images (nested subsets)
     for iters in 600 150; do        # the longest first: the overfitting runs show up early
-      queue "$OUT/${model}_frac${frac}_${iters}" mim.py --model "$model" --data synthetic --frac "$frac" --iters "$iters"
+      queue "$OUT/${model}_frac${frac}_${iters}" mim.py --model "$model" --data synthetic --frac "$frac" --iters "$iters" \
+        --mask_patch 16  # 16 px cells, 10 of 16 masked: the miniature's protocol (the demo's recipe uses 8 px)
     done
   done
 done

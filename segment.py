@@ -9,7 +9,7 @@ with the SwinV2 paper's LR (arXiv 2111.09883, appendix; the data-scaling paper p
 crops, 160K iterations at batch 16, AdamW 4e-5, layer decay 0.95; single-scale sliding-window mIoU
 (mmseg's slide_inference, scored as its IoUMetric).
 
-    python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.15k     # CPU, minutes
+    python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k     # CPU, minutes
     python segment.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc_per_node 8 segment.py --model B --data data/ADEChallengeData2016 --pretrained out/B_frac0.5_125k
 
@@ -642,6 +642,7 @@ def eval_only(run, model, score, K, model_name, master):
     metrics = score(ckpt["step"])
     if master:
         train.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
+        print0(f"-> {run.file('eval.json')}")
     return metrics
 
 
@@ -653,6 +654,8 @@ def main(argv=None):
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
         ckpt, pretrained = finetune.read_pretrained(args.pretrained, args.allow_unfinished)
         train_set, val_set = open_splits(args.data)
+        for dataset, split in ((train_set, "training"), (val_set, "validation")):
+            data.check_readable(dataset, range(len(dataset)), f"--data {args.data} ({split})")
         model, missing = build_model(args, r, ckpt, train_set.num_classes)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -748,7 +751,7 @@ def main(argv=None):
         summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data,
                        pretrained=pretrained, metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]),
                        val_images=len(val_stream), **run.counters())
-        train.save_json(run.file("summary.json"), summary)
+        run.finish(summary)
         return summary["metrics"]
 
 

@@ -50,7 +50,7 @@ SIZES = {
     "tiny": (32, (2, 2, 2, 2), 32, 64, 4), "nano": (16, (2, 2, 2, 2), 16, 64, 4),
 }
 PAPER_SIZES = ("S", "B", "L", "H", "g")
-# The README's first try per GPU on 80 GB (unmeasured), and the sizes that need --grad_ckpt. Both flags are free:
+# A first try per GPU on 80 GB (unmeasured; docs/study.md), and the sizes that need --grad_ckpt. Both flags are free:
 # they change memory and speed, never the result, and a resumed run may change them.
 MICRO_BATCH = {"S": 128, "B": 128, "L": 64, "H": 64, "g": 32}
 GRAD_CKPT = ("H", "g")
@@ -59,7 +59,7 @@ GRAD_CKPT = ("H", "g")
 DATASETS = {
     "IN-1K": ("imagenet", (), 1281167),
     "IN-22K": ("in22k/train.txt", ("--val_data", "{root}/imagenet/val"), 14197122),  # validation loss on IN-1K val
-    "synthetic": (None, (), 2000),
+    "synthetic": (None, ("--mask_patch", "16"), 2000),  # the miniature's 16 px cells (miniature.sh)
 }
 # downstream tasks: script, folder under --data_root, extra flags, training images, classes (0: a dense task)
 TASKS = {
@@ -73,7 +73,7 @@ TASKS = {
 # flag and value of the input size, window; "paper" for S..g, "demo" for nano and tiny.
 SCHEDULES = {
     "mim.py": {"paper": ("--iters", 500000, 2048, "--img_size", 192, 12),
-               "demo": ("--iters", 150, 64, "--img_size", 64, 4)},
+               "demo": ("--iters", 300, 64, "--img_size", 64, 4)},
     "finetune.py": {"paper": ("--epochs", 100, 2048, "--img_size", 224, 14),
                     "demo": ("--epochs", 3, 32, "--img_size", 64, 4)},
     "detect.py": {"paper": ("--epochs", 36, 16, "--img_size", 1024, 16),
@@ -292,7 +292,7 @@ def build_jobs(cells, opt, out, seeds, scratch):
         flags = ["--model", c["model"], "--data", data, *(e.format(root=root) for e in extra),
                  "--frac", f"{c['frac']:g}", "--iters", str(c["iters"]), "--out_dir", out_dir]
         world, user = opt.nodes * gpus, shlex.split(opt.pretrain_args)
-        if c["model"] in PAPER_SIZES:  # a first micro-batch that fits (README), never more than the batch allows
+        if c["model"] in PAPER_SIZES:  # a first micro-batch that fits (docs/study.md), never more than the batch allows
             batch = int(flag(user, "--batch_size", 2048))
             flags += ["--micro_batch", str(max(1, min(MICRO_BATCH[c["model"]], batch // world)))]
             flags += ["--grad_ckpt"] if c["model"] in GRAD_CKPT else []
@@ -749,7 +749,7 @@ def get_parser():
     la.add_argument("--sbatch", action="append", default=[],
                     help="any other #SBATCH option, repeatable: --sbatch=--mem=0")
     la.add_argument("--cpus_per_gpu", type=positive(int), default=8,
-                    help="CPU cores per GPU (data loading: README, 5-12 per GPU)")
+                    help="CPU cores per GPU (data loading: docs/troubleshooting.md, 5-12 per GPU)")
     la.add_argument("--signal_time", type=positive(int), default=300,
                     help="seconds before the time limit at which a job saves and requeues")
     st = sub.add_parser("status", help="one row per run, from the run directories' files")

@@ -467,7 +467,13 @@ class RunDir:
             return loop, json.load(open(self.file("summary.json")))
         if loop["step"]:
             print0(f"resumed from {self.ckpt} at step {loop['step']}")
+        print0(f"{'run directory':>14} {self.path}: log.jsonl, ckpt.pt, summary.json at the end")
         return loop, None
+
+    def finish(self, summary):
+        """Write summary.json, the sign that the run is complete, and say where the run's files are (rank 0)."""
+        save_json(self.file("summary.json"), summary)
+        print0(f"done: {self.file('summary.json')} (log.jsonl and ckpt.pt beside it)")
 
     def resume(self, identity, raw_model, optimizer, master):
         """Continue from ckpt.pt if there is one (every rank): refuse another run's checkpoint, restore the

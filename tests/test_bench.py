@@ -277,11 +277,13 @@ def test_flops_per_image_match_an_independent_count():
     assert 71.1 < gflop < 71.6, gflop
 
 
-def test_gpu_mode_without_cuda_says_so_in_one_line(capsys, monkeypatch):
+def test_gpu_mode_without_cuda_fails_in_one_line(monkeypatch):
+    """Without a GPU the report measures nothing, and says so with a non-zero exit (a script that runs it
+    and keeps its table must not take the silence for a result)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--what", "gpu"]) is None
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "no CUDA GPU" in out
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--what", "gpu"])
+    assert str(stop.value).count("\n") == 0 and "needs a CUDA GPU" in str(stop.value) and stop.value.code != 0
 
 
 def test_timm_missing_gives_one_line(capsys, monkeypatch):

@@ -18,6 +18,8 @@ import synthetic
 import train
 from conftest import write_inat18
 
+TIMM = "needs timm, the independent reference: pip install -r requirements-test.txt"
+
 MEAN, STD = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
 
 
@@ -307,7 +309,7 @@ def photos(size=64):
 
 def official_finetune_transform():
     """timm's training transform as the official Swin code builds it, and its RandAugment."""
-    timm_data = pytest.importorskip("timm.data")
+    timm_data = pytest.importorskip("timm.data", reason=TIMM)
     from timm.data.auto_augment import RandAugment as TimmRandAugment
     tf = timm_data.create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
                                     re_prob=0.25, re_mode="pixel", re_count=1)
@@ -352,7 +354,7 @@ def test_rand_augment_draws_like_timms_official_policy():
     """On the same photos, ours and timm's rand-m9-mstd0.5-inc1 leave the same fraction of draws unchanged
     and change the others as much, op by op and as a whole. (torchvision's RandAugment(2, 9) fails this:
     ~1 % unchanged against ~25 %, and a 30 % smaller median change.)"""
-    TimmRandAugment = pytest.importorskip("timm.data.auto_augment").RandAugment  # skipped, not failed, without timm
+    TimmRandAugment = pytest.importorskip("timm.data.auto_augment", reason=TIMM).RandAugment  # skipped, not failed, without timm
     _, ra = official_finetune_transform()
     imgs = photos()
     for op in ra.ops:
@@ -364,7 +366,7 @@ def test_rand_augment_draws_like_timms_official_policy():
 
 def test_finetune_pipeline_has_the_official_settings():
     """Crop, flip, erasing and the eval view against timm's transforms as the official code builds them."""
-    timm_data = pytest.importorskip("timm.data")
+    timm_data = pytest.importorskip("timm.data", reason=TIMM)
     official, _ = official_finetune_transform()
     crop, flip, _, _, _, erase = data.finetune_transform(224, train=True).transforms[1:]
     timm_crop, timm_flip, timm_erase = official.transforms[0], official.transforms[1], official.transforms[-1]

@@ -314,8 +314,8 @@ def test_recipe_follows_the_preset_and_bad_flags_are_named():
     assert {k: r[k] for k in ("img_size", "window", "drop_path", "epochs", "milestones", "batch_size", "micro_batch", "layer_decay", "jitter")} == \
         dict(img_size=1024, window=16, drop_path=0.2, epochs=36, milestones=(27, 33), batch_size=16, micro_batch=2, layer_decay=0.9, jitter=(0.1, 2.0))
     assert r["peak_lr"] == 1e-4 and r["task"] == "coco" and r["out_dir"] == "out/det_coco_B_scratch"
-    _, r = tiny_args(["--batch_size", "32", "--pretrained", "out/tiny_frac1_0.15k"])
-    assert r["peak_lr"] == pytest.approx(2 * detect.RECIPES["demo"]["lr"]) and r["out_dir"] == "out/det_synthetic_tiny_tiny_frac1_0.15k"
+    _, r = tiny_args(["--batch_size", "32", "--pretrained", "out/tiny_frac1_0.3k"])
+    assert r["peak_lr"] == pytest.approx(2 * detect.RECIPES["demo"]["lr"]) and r["out_dir"] == "out/det_synthetic_tiny_tiny_frac1_0.3k"
     for extra, words in [(["--milestones", "5"], "--milestones"), (["--jitter", "2", "1"], "--jitter"), (["--window", "5"], "--window"),
                          (["--micro_batch", "3"], "not divisible")]:
         with pytest.raises(ValueError, match=words):

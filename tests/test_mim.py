@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import mim
 import swinv2
@@ -131,9 +132,12 @@ def run_dir_rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
-def test_short_run_learns_and_writes_everything(tmp_path):
+def test_short_run_learns_and_writes_everything(tmp_path, capsys):
     out = str(tmp_path / "run")
     mim.main(TINY + ["--iters", "30", "--log_every", "5", "--eval_every", "15", "--save_every", "15", "--out_dir", out, "--lr", "2e-2"])
+    printed = capsys.readouterr().out.splitlines()  # where it writes, at the start and at the end
+    assert f"{'run directory':>14} {out}: log.jsonl, ckpt.pt, summary.json at the end" in printed
+    assert printed[-1] == f"done: {os.path.join(out, 'summary.json')} (log.jsonl and ckpt.pt beside it)"
     rows = run_dir_rows(out)
     train = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(train) == 6 and train[-1] < train[0] - 0.02, train
@@ -205,7 +209,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch
 
 
 @pytest.mark.parametrize("model,want", [("B", dict(img_size=192, iters=500000, norm_target=47, mask_patch=32)),
-                                        ("nano", dict(img_size=64, iters=150, norm_target=0, mask_patch=16))])
+                                        ("nano", dict(img_size=64, iters=300, norm_target=0, mask_patch=8))])
 def test_the_recipe_follows_the_preset(model, want):
     r = mim.resolve(mim.get_parser().parse_args(["--model", model, "--data", "synthetic"]), 1)
     assert {k: r[k] for k in want} == want
@@ -229,3 +233,24 @@ def test_a_validation_loss_rising_twice_in_a_row_is_logged_as_overfitting(tmp_pa
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r.get("overfitting", False) for r in rows if "val_loss" in r] == [False, False, False, False, True]
     assert "warning: val_loss rose at two evaluations in a row (0.5100 -> 0.5300 -> 0.5500)" in capsys.readouterr().out
+
+
+def test_a_data_set_with_nothing_readable_is_refused_in_one_line_before_a_run_folder(tmp_path, capsys):
+    """Every image of the folder is broken: the run stops before any work, naming the path and the first few
+    files with the reason, and makes no run directory (the stream would give up only after 100 files)."""
+    for split in ("train", "val"):
+        for k in range(5):
+            (tmp_path / "data" / split / "c").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / split / "c" / f"{k}.jpg").write_bytes(b"not a jpeg" * k)
+    with pytest.raises(SystemExit) as stop:
+        mim.main(["--model", "tiny", "--data", str(tmp_path / "data"), "--out_dir", str(tmp_path / "run")])
+    message = str(stop.value)
+    assert message.count("\n") == 0 and message.startswith(f"error: --data {tmp_path / 'data'}: none of its first 5 images")
+    assert str(tmp_path / "data" / "train" / "c" / "0.jpg") in message and "Error" in message and message.endswith("...")
+    assert not (tmp_path / "run").exists()
+    # one readable training image is enough to start; the validation images are checked too
+    Image.new("RGB", (64, 64), (200, 30, 90)).save(tmp_path / "data" / "train" / "c" / "9.png")
+    with pytest.raises(SystemExit) as stop:
+        mim.main(["--model", "tiny", "--data", str(tmp_path / "data"), "--out_dir", str(tmp_path / "run")])
+    assert str(stop.value).startswith(f"error: --val_data {tmp_path / 'data'}: none of its first 5 images")
+    assert not (tmp_path / "run").exists()

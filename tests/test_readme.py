@@ -1,5 +1,6 @@
-"""Every `python X.py ...` and `torchrun ... X.py ...` command in README.md parses with that script's
-own argument parser, so the README cannot drift from the code."""
+"""Every `python X.py ...` and `torchrun ... X.py ...` command in README.md and docs/*.md parses with that
+script's own argument parser, so the documentation cannot drift from the code."""
+import glob
 import importlib
 import os
 import re
@@ -8,6 +9,9 @@ import shutil
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def readme_commands(name="README.md"):
@@ -21,24 +25,26 @@ def readme_commands(name="README.md"):
                 yield line, words[scripts[0]], words[scripts[0] + 1:]
 
 
-def test_readme_commands_parse():
-    commands = list(readme_commands())
-    scripts = {script for _, script, _ in commands}
-    assert {"mim.py", "finetune.py", "detect.py", "segment.py", "analyze.py", "bench.py"} <= scripts, scripts
-    for line, script, argv in commands:
+def test_readme_and_docs_commands_parse():
+    assert len(DOCS) >= 10, DOCS  # the front page and the manual's pages
+    commands = [(name, *c) for name in DOCS for c in readme_commands(name)]
+    scripts = {script for _, _, script, _ in commands}
+    assert {"mim.py", "finetune.py", "detect.py", "segment.py", "analyze.py", "bench.py", "study.py"} <= scripts, scripts
+    assert {"mim.py", "finetune.py"} <= {script for name, _, script, _ in commands if name == "README.md"}
+    for name, line, script, argv in commands:
         module = importlib.import_module(script[:-3])
         argv = [a.replace("$HOST", "localhost") for a in argv]
         try:
             module.get_parser().parse_args(argv)
         except SystemExit:
-            raise AssertionError(f"README command does not parse: {line}")
+            raise AssertionError(f"{name}: command does not parse: {line}")
 
 
 def test_readme_torchrun_lines_parse_with_torchrun_itself():
     """torchrun's own options, parsed by the installed torchrun: Python 3.11's argparse refuses an abbreviation
     that matches two options (--nproc: --nproc-per-node or --nproc_per_node), so a README line must spell it."""
     from torch.distributed.run import get_args_parser
-    texts = [open(os.path.join(ROOT, f)).read() for f in ("README.md", "mim.py", "finetune.py", "detect.py", "segment.py")]
+    texts = [open(os.path.join(ROOT, f)).read() for f in DOCS + ["mim.py", "finetune.py", "detect.py", "segment.py"]]
     lines = [line for text in texts for line in text.replace("\\\n", " ").splitlines() if re.match(r"\s*torchrun --", line)]
     assert len(lines) >= 5, lines
     for line in lines:
@@ -108,3 +114,14 @@ def test_miniature_script_runs_what_is_missing_in_order_and_stops_on_a_failure(t
         os.remove(out / d / "summary.json")
     rc, scripts, err = run(FAIL="ft_s1", JOBS="1")
     assert rc != 0 and scripts == ["finetune.py"] and "failed: python finetune.py" in err  # ft_s2 never started
+
+
+def test_the_readme_walk_points_at_the_functions_it_names():
+    """The front page's walk through one pre-training step names file:line and a function: the line must be
+    that function's (or class's) definition, so the walk cannot drift when the code moves."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    steps = re.findall(r"\[`(\w+\.py):(\d+)`\]\(\1#L\2\) `([\w.]+)`", text)
+    assert len(steps) >= 10, steps
+    for path, line, name in steps:
+        source = open(os.path.join(ROOT, path)).read().splitlines()[int(line) - 1]
+        assert re.match(rf"\s*(def|class) {re.escape(name.split('.')[-1])}\b", source), (path, line, name, source)
