@@ -15,7 +15,7 @@ What this file teaches, in reading order:
   crowd regions, degenerate boxes, grayscale/CMYK) -> large-scale jitter with boxes recomputed from the cropped
   masks, bit-packed through the loader -> COCO evaluation gathered over ranks -> a picture of predictions.
 
-    python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k    # CPU, a few minutes
+    python detect.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k    # CPU demo: 750 steps
     python detect.py --model tiny --data synthetic --pretrained none                    # from scratch
     torchrun --nproc_per_node 8 detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k
     python detect.py --model B --data data/coco --pretrained out/B_frac0.5_125k --eval_only
@@ -624,7 +624,7 @@ def get_parser():
 # The flags a preset decides: for S..g the COCO recipe (the appendices of the SwinV2 paper, arXiv 2111.09883, and
 # of the SimMIM paper, arXiv 2111.09886; detectron2's warmup); for nano and tiny a CPU-minutes recipe on the 96 px
 # synthetic images: a 128 px square (the tiny encoder's window 4 tiles 32/16/8/4), a narrower FPN and fewer sampled
-# RoIs (two objects per image), milder jitter, 3 epochs at a higher LR (a single epoch leaves the detections weak).
+# RoIs (a few objects per image), milder jitter, 3 epochs at a higher LR (a single epoch leaves the detections weak).
 RECIPES = {
     "paper": dict(img_size=1024, window=16, drop_path=0.2, fpn_channels=256, rois=512, jitter=(0.1, 2.0), epochs=36,
                   milestones=(27, 33), warmup_iters=1000, batch_size=16, lr=1e-4, layer_decay=0.9, log_every=50,

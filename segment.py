@@ -9,7 +9,7 @@ with the SwinV2 paper's LR (arXiv 2111.09883, appendix; the data-scaling paper p
 crops, 160K iterations at batch 16, AdamW 4e-5, layer decay 0.95; single-scale sliding-window mIoU
 (mmseg's slide_inference, scored as its IoUMetric).
 
-    python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k     # CPU, minutes
+    python segment.py --model tiny --data synthetic --pretrained out/tiny_frac1_0.3k     # CPU demo: 1000 steps
     python segment.py --model tiny --data synthetic --pretrained none                     # from scratch
     torchrun --nproc_per_node 8 segment.py --model B --data data/ADEChallengeData2016 --pretrained out/B_frac0.5_125k
 
@@ -565,7 +565,7 @@ def get_parser():
     g.add_argument("--layer_decay", type=train.number(float, 0, 1, lo_open=True), default=None,
                    help="layer-wise LR decay, 1 = off; default 0.95 (SwinV2 paper's ADE20K; tiny 1)")
     g.add_argument("--weight_decay", type=train.non_negative, default=0.05,
-                   help="AdamW weight decay (mmseg UPerNet-Swin, SwinV2 paper: 0.05)")
+                   help="AdamW weight decay (SwinV2 paper's ADE20K: 0.05; mmseg's Swin config uses 0.01)")
     g.add_argument("--clip_grad", type=train.non_negative, default=0.0,
                    help="max gradient norm, 0 = no clipping (mmseg UPerNet-Swin clips nothing)")
     g.add_argument("--seed", type=train.natural, default=0,
