@@ -26,7 +26,7 @@ import math
 import os
 import signal
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -268,7 +268,7 @@ class Item(NamedTuple):
     label: int  # class index; -1 where a dataset has none (ADE20K)
     pos: int  # where it came from: its stream position (TrainStream) or its dataset index (EvalSet)
     bad: int  # unreadable files skipped to get it: each was replaced by the next one
-    mask: torch.Tensor | None = None  # SimMIM's mask of the image (mim.py), made in the data-loader worker
+    mask: Optional[torch.Tensor] = None  # SimMIM's mask of the image (mim.py), made in the data-loader worker
     target: object = None  # a dense task's target: segment.py's label map, detect.py's boxes and masks
 
 
