@@ -295,19 +295,19 @@ def load(dataset, i, transform):
 
 
 def unreadable(dataset, i):
-    """'path (why)' if dataset image i cannot be decoded, else None."""
+    """The reason dataset image i cannot be decoded ('OSError: ...'), or None if it decodes."""
     try:
         with dataset.open(i)[0] as img:
             img.load()
     except READ_ERRORS as e:
-        return f"{os.path.join(getattr(dataset, 'root', ''), dataset.name(i))} ({type(e).__name__}: {e})"
+        return f"{type(e).__name__}: {e}"
     return None
 
 
 def failure(dataset, i):
     """'path (why)' for an image that load() could not read: the training process's warning."""
-    why = unreadable(dataset, i)
-    return why or f"{os.path.join(getattr(dataset, 'root', ''), dataset.name(i))} (failed in a transform)"
+    path = os.path.join(getattr(dataset, "root", ""), dataset.name(i))
+    return f"{path} ({unreadable(dataset, i) or 'failed in a transform'})"
 
 
 def check_readable(dataset, indices, what):
@@ -316,10 +316,9 @@ def check_readable(dataset, indices, what):
     good data the first image ends the check; a few bad files among good ones are the stream's to skip."""
     bad = []
     for i in list(indices[:MAX_BAD]):
-        why = unreadable(dataset, int(i))
-        if why is None:
+        if unreadable(dataset, int(i)) is None:
             return
-        bad.append(why)
+        bad.append(failure(dataset, int(i)))
     raise ValueError(f"{what}: none of its first {len(bad)} images can be read: {'; '.join(bad[:3])}"
                      + (" ..." if len(bad) > 3 else ""))
 

@@ -85,8 +85,8 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
     loss_fn(batch) -> (loss, {name: term}) runs the forward of one micro-batch (a data.Item of batched
     fields); lr_at(step, scale) is the LR of a parameter group with that lr_scale; evaluate(step) ->
     {metric: value}, on every rank. A checkpoint holds the weights, the optimizer, the loop's state, the
-    script's `keep` (identity, args, model_config, ...) and the latest evaluation's metrics, under
-    `metrics` and each at the top level too (mim.py's val_loss). `state` is RunDir.start's.
+    latest evaluation's `metrics`, and the script's `keep` (identity, args, model_config, ...), where a key
+    that is also a metric takes the latest value (mim.py's val_loss). `state` is RunDir.start's.
     Randomness: data.py's stream fixes the data of each step; drop path (and mixing) are seeded by (seed,
     step, micro-batch)."""
     master, world = run.master, dist.get_world_size() if dist.is_initialized() else 1
@@ -104,8 +104,9 @@ def loop(run, r, state, device, *, model, raw_model, optimizer, stream, batches,
             if done == r["iters"]:
                 fail(f"the last {tally.streak} steps were not finite: the final checkpoint was not written", master)
             return
+        latest = {k: at["metrics"].get(k, v) for k, v in keep.items()}  # keep's metric keys, up to date
         run.save(raw_model, optimizer, done, loop=dict(tally.state(), evaluated=at["evaluated"]), metrics=at["metrics"],
-                 **dict(keep, **at["metrics"]))
+                 **latest)
 
     def measure(done):
         at["metrics"], at["evaluated"] = evaluate(done), done
