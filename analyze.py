@@ -10,6 +10,7 @@ authors' 63 released runs (--paper, paper_runs.csv).
     python analyze.py 'out/B_*' --paper      # our B runs next to the paper's numbers
     python analyze.py --paper                # the paper's runs alone, into analysis/paper/
     python analyze.py --csv my_runs.csv --out analysis/csv
+    python analyze.py --paper --predict      # + top-1 predicted from the val loss, leave-one-out
 
 Every r it prints is a claim about the paper, so these are the rules that decide what enters one:
 - Pairing. A downstream run counts for a pre-training run's metric only if its summary.json names that
@@ -39,8 +40,17 @@ Every r it prints is a claim about the paper, so these are the rules that decide
 Downstream runs from scratch (--pretrained none) are the baseline: a row of 0 pre-training iterations on
 "scratch" data, a reference line in the figures, kept out of the correlations.
 
-Prints markdown tables and writes them (tables.md), runs.csv, correlations.json and PNGs to --out,
-with analysis.json naming its inputs and files: a folder that holds another analysis is refused,
+--predict turns the paper's Finding 3 (sec. 4: the validation loss predicts fine-tuning) into predictions.
+Each metric is fitted on the validation loss by ordinary least squares with one intercept per model and one
+slope shared by the models, with a 90 % prediction interval from Student's t on the fit's residual degrees
+of freedom (n - models - 1) and its leverage. Each fine-tuned run is predicted by the fit on all the others
+(leave-one-out), against the same fit on the training loss and each model's mean (its interval from the
+residual sd pooled over the models): mean absolute error, share inside the interval, n. Then every finished
+pre-training without the metric is predicted, best first, and the runs that cannot be are named with why:
+a model with fewer than two fine-tuned runs is left out of the fit, a run without a val loss has no input.
+
+Prints markdown tables and writes them (tables.md), runs.csv, correlations.json (and predictions.json) and
+PNGs to --out, with analysis.json naming its inputs and files: a folder that holds another analysis is refused,
 a rerun of the same analysis replaces its own files.
 """
 import argparse
@@ -502,6 +512,112 @@ def overfit_rules(rows, metrics, tol):
     return out
 
 
+# ------------------------------------------------------------------------------------ prediction
+
+# Finding 3 of arXiv 2206.04664 (sec. 4) as a tool (--predict above): a grid need not fine-tune every run to know
+# which are worth it. One intercept per model, because model size moves the metric by itself; one slope shared by
+# the models, because it is what the loss adds within a model, and sharing it lets a model with few fine-tuned
+# runs borrow the others' evidence. The baseline, each model's mean, is the same fit without the loss column.
+LEVEL = 0.90
+MIN_RUNS = 2  # fine-tuned runs a model needs: one places its intercept, and leaving one out must leave one
+
+
+def t_quantile(p, dof):
+    """The p-quantile (p > 0.5) of Student's t with `dof` degrees of freedom (a whole number, or math.inf), by
+    bisection on its exact distribution: for whole dof, P(|T| < t) is a finite sum of powers of cos(theta),
+    theta = atan(t / sqrt(dof)) (Abramowitz and Stegun 26.7.3 and 26.7.4), so scipy is not needed."""
+    def central(t):  # P(|T| < t)
+        if math.isinf(dof) or dof > 10000:  # the normal's, within 2e-4 of t's; the sum would need dof / 2 terms
+            return math.erf(t / math.sqrt(2))
+        th = math.atan(t / math.sqrt(dof))
+        c2, term, total = math.cos(th) ** 2, 1.0, 1.0
+        for k in range(1, dof // 2):
+            term *= c2 * ((2 * k - 1) / (2 * k) if dof % 2 == 0 else 2 * k / (2 * k + 1))
+            total += term
+        if dof % 2 == 0:
+            return math.sin(th) * total
+        return 2 / math.pi * (th + (math.sin(th) * math.cos(th) * total if dof > 1 else 0))
+    lo, hi = 0.0, 1.0
+    while central(hi) < 2 * p - 1:
+        hi *= 2
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if central((lo + hi) / 2) < 2 * p - 1 else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def ols(models, x, y):
+    """Least squares of y on one intercept per model and, unless x is None, one slope on x shared by the models.
+    Returns predict(model, x0) -> (value, half width of its LEVEL prediction interval), or None when the runs
+    cannot give an interval (no residual degree of freedom, or an x that varies within no model). The interval
+    is t * s * sqrt(1 + v' (X'X)^-1 v): s, the residual sd, is the noise of a new run; the leverage term, the
+    uncertainty of the fitted line at v (wider for a loss far from the fitted runs', or a model with few runs)."""
+    names = sorted(set(models))
+    row = lambda m, v: [float(m == n) for n in names] + ([] if x is None else [v])
+    X = np.array([row(m, v) for m, v in zip(models, [None] * len(models) if x is None else x)])
+    y = np.asarray(y, dtype=float)
+    coef, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(y) - X.shape[1]  # n - models - 1 (the slope), or n - models for the baseline
+    if rank < X.shape[1] or dof < 1:
+        return None
+    s, inv = math.sqrt(((y - X @ coef) ** 2).sum() / dof), np.linalg.inv(X.T @ X)
+    t = t_quantile((1 + LEVEL) / 2, dof)
+
+    def predict(model, x0=None):
+        v = np.array(row(model, x0))
+        return float(v @ coef), t * s * math.sqrt(1 + v @ inv @ v)
+    return predict
+
+
+def fit_runs(rows, metric, loss):
+    """(the runs a fit of `metric` on `loss` uses, {model: why it is left out}): the finished pre-trainings that
+    have both (a run from scratch has no loss), of the models with MIN_RUNS of them."""
+    runs = [r for r in rows if r["iters"] and not r.get("partial") and r.get(metric) is not None
+            and r.get(loss) is not None]
+    count = {}
+    for r in runs:
+        count[r["model"]] = count.get(r["model"], 0) + 1
+    few = {m: f"model {m}: {n} fine-tuned run(s) with a {loss}, a fit needs {MIN_RUNS}"
+           for m, n in count.items() if n < MIN_RUNS}
+    return [r for r in runs if r["model"] not in few], few
+
+
+def leave_one_out(runs, metric, loss):
+    """Each run predicted by the fit on all the others (loss None: the model-mean baseline): ({'mae',
+    'coverage90', 'n'}, [(run, predicted, half width)]), or (None, []) when a fit has no degree of freedom left."""
+    points = []
+    for i, r in enumerate(runs):
+        rest = runs[:i] + runs[i + 1:]
+        fit = ols([q["model"] for q in rest], loss and [q[loss] for q in rest], [q[metric] for q in rest])
+        if fit is None:
+            return None, []
+        points.append((r, *fit(r["model"], loss and r[loss])))
+    errors = np.array([abs(p - r[metric]) for r, p, h in points])
+    inside = errors <= np.array([h for r, p, h in points])
+    return dict(mae=float(errors.mean()), coverage90=float(inside.mean()), n=len(points)), points
+
+
+def predict_runs(rows, targets, metric):
+    """`metric` predicted from the validation loss for each run of `targets`, by the fit on the runs of `rows`
+    that have it: ([(run, predicted, half width)] best first, [(run, why it cannot be predicted)])."""
+    runs, few = fit_runs(rows, metric, "val_loss")
+    fit = ols([r["model"] for r in runs], [r["val_loss"] for r in runs], [r[metric] for r in runs]) if runs else None
+    models = {r["model"] for r in runs}
+
+    def why_not(r):
+        if r.get("partial"):
+            return "an unfinished pre-training"
+        if r.get("val_loss") is None:
+            return "no validation loss"
+        if r["model"] not in models:
+            return few.get(r["model"], f"model {r['model']}: no fine-tuned run with a val_loss, a fit needs {MIN_RUNS}")
+        return None if fit else f"{len(runs)} fine-tuned runs are too few for a fit (it needs models + 2)"
+    done = [(r, *fit(r["model"], r["val_loss"])) for r in targets if not why_not(r)]
+    cannot = [(r, why_not(r)) for r in targets if why_not(r)]
+    return sorted(done, key=lambda p: -p[1]), cannot
+
+
+# ------------------------------------------------------------------------------------ tables and figures
+
 def model_key(m):
     return MODELS.index(m) if m in MODELS else len(MODELS), m
 
@@ -682,6 +798,73 @@ def figures(rows, models, datas, metrics, corr, out, suffix):
     return paths
 
 
+def predict_figure(points, metric, out, suffix):
+    """One panel per fit (val loss, train loss, model mean): each held-out run's prediction against its measured
+    metric, with its interval, one colour per model, on the line where they are equal."""
+    fig, axes = plt.subplots(1, len(points), figsize=(4.4 * len(points), 4.2), squeeze=False, layout="constrained",
+                             sharex=True, sharey=True)
+    what = dict(val_loss="from the val loss", train_loss="from the train loss", model_mean="each model's mean")
+    for ax, (fit, (res, pts)) in zip(axes[0], points.items()):
+        for mo in sorted({r["model"] for r, _, _ in pts}, key=model_key):
+            x, y, h = zip(*[(r[metric], p, h) for r, p, h in pts if r["model"] == mo])
+            ax.errorbar(x, y, yerr=h, fmt="o", ms=4, capsize=2, alpha=0.8, label=f"SwinV2-{mo}")
+        ends = [min(r[metric] for r, _, _ in pts), max(r[metric] for r, _, _ in pts)]
+        ax.plot(ends, ends, "k--", lw=1, label="predicted = measured")
+        ax.set(xlabel=f"measured {metric}", ylabel=f"predicted, leave-one-out ({LEVEL * 100:.0f} % interval)",
+               title=f"{what[fit]}: MAE {res['mae']:.2f}\n"
+                     f"{res['coverage90'] * 100:.0f} % of {res['n']} inside the interval")
+        ax.legend(fontsize=8)
+    path = os.path.join(out, f"{metric}_predicted{suffix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def predictions(rows, metrics, out, suffix):
+    """--predict: per metric, the leave-one-out table (the fit on the val loss, on the train loss, each model's
+    mean), the finished pre-trainings without that metric predicted from their val loss, best first ("fine-tune
+    these first"), and those it cannot predict, with why; predictions{suffix}.json and one figure per metric (the
+    held-out runs, predicted against measured). Returns (markdown, the PNG paths)."""
+    name = lambda r: r.get("run_dir") or f"{r['model']} {r['data']} {kilo(r['iters'])}"
+    loo, ranked, cannot, body, pngs = {}, [], [], [], []
+    for m in metrics:
+        runs, few = fit_runs(rows, m, "val_loss")
+        train_runs, few_train = fit_runs(rows, m, "train_loss")
+        for why in list(few.values()) + list(few_train.values()):
+            note(f"{m}: {why}; skipped")
+        fits = {"val_loss": (runs, "val_loss"), "train_loss": (train_runs, "train_loss"), "model_mean": (runs, None)}
+        points = {k: leave_one_out(use, m, loss) for k, (use, loss) in fits.items() if use}
+        if points.get("val_loss", (None,))[0]:
+            loo[m] = {k: points.get(k, (None,))[0] for k in fits}
+            cell = lambda c: "n/a" if c is None else f"{c['mae']:.2f} ({c['coverage90'] * 100:.0f} % of {c['n']})"
+            body.append([m] + [cell(c) for c in loo[m].values()])
+            pngs.append(predict_figure({k: v for k, v in points.items() if v[0]}, m, out, suffix))
+        else:
+            note(f"{m}: {len(runs)} fine-tuned run(s) of {len({r['model'] for r in runs})} model(s) are too few for a "
+                 "leave-one-out fit on the val loss (it needs models + 3); skipped")
+        done, no = predict_runs(rows, [r for r in rows if r["iters"] and r.get(m) is None], m)
+        ranked += [dict(run=name(r), model=r["model"], metric=m, predicted=p, lo90=p - h, hi90=p + h)
+                   for r, p, h in done]
+        cannot += [dict(run=name(r), metric=m, why=why) for r, why in no]
+    with open(os.path.join(out, f"predictions{suffix}.json"), "w") as f:
+        json.dump(dict(loo=loo, predictions=ranked, cannot=cannot), f, indent=1)
+    text = [f"\n### Each metric predicted from the pre-training loss, leave-one-out: mean absolute error (share of "
+            f"the held-out runs inside the {LEVEL * 100:.0f} % prediction interval, of n)",
+            md_table(["metric", "from the val loss", "from the train loss", "each model's mean"], body) if body
+            else "no metric has enough fine-tuned runs for a fit"]
+    text += [f"\n### Fine-tune these first: predicted from the val loss ({LEVEL * 100:.0f} % interval), best first",
+             md_table(["metric", "run", "model", "predicted", "interval"], [
+                 [p["metric"], p["run"], p["model"], f"{p['predicted']:.2f}", f"{p['lo90']:.2f} to {p['hi90']:.2f}"]
+                 for p in ranked]) if ranked else "none" + ("" if cannot else ": every finished pre-training has "
+                                                             "all its metrics")]
+    why = {}
+    for c in cannot:  # one line per reason, not per run
+        why.setdefault((c["metric"], c["why"]), []).append(c["run"])
+    text += [f"\nCannot predict ({len(cannot)}):"] + [f"- {m}, {w}: {', '.join(rs)}" for (m, w), rs in why.items()] \
+        if cannot else []
+    return "\n" + "\n".join(text), pngs
+
+
 # ------------------------------------------------------------------------------------ the output folder
 
 def own_files(out, inputs):
@@ -733,6 +916,9 @@ def get_parser():
                    "overfitting; default: the losses' own spread (see above)")
     p.add_argument("--pool_recipes", action="store_true", help="pool pre-training runs of different recipes "
                    "(image size, window, mask, target normalisation, validation set) in one r")
+    p.add_argument("--predict", action="store_true", help="predict each metric from the val loss: leave-one-out "
+                   "errors against the train loss and each model's mean, the runs to fine-tune first "
+                   "(predictions.json, {metric}_predicted.png)")
     return p
 
 
@@ -777,10 +963,11 @@ def main(argv=None):
         with open(os.path.join(out, written[-1]), "w") as f:
             json.dump(dict(corr, overfit_tolerance=tol, overfit_rules=rules), f, indent=1)
         pngs = figures(sub, models, datas, metrics, corr, out, suffix)
-        written += [os.path.basename(p) for p in pngs]
+        predicted, more = predictions(sub, metrics, out, suffix) if args.predict else ("", [])
+        written += [os.path.basename(p) for p in pngs + more] + ([f"predictions{suffix}.json"] if args.predict else [])
         report.append(f"## {src} runs ({len(sub)})\n\n"
-                      + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text)
-                      + "\n\nFigures: " + ", ".join(pngs) + "\n")
+                      + tables(sub, models, datas, metrics, overfit, corr, rules, tol, tol_text) + predicted
+                      + "\n\nFigures: " + ", ".join(pngs + more) + "\n")
         in_order += sub
     if left_out:
         values = lambda v: ", ".join(f"{k} {x:.2f}" for k, x in v.items())

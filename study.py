@@ -2,7 +2,7 @@
 The paper as one object: plan the grid's cost, launch it (SLURM jobs with torchrun inside, or this machine),
 watch every run. "On Data Scaling in Masked Image Modeling" is 63 SimMIM pre-trainings (paper_runs.csv: sizes
 S/B/L/H/g x 10/20/50/100 % of IN-1K and IN-22K x 125K/250K/500K iterations), each fine-tuned on IN-1K, and
-the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (arXiv 2206.04664). This file teaches three things:
+the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (arXiv 2206.04664). This file teaches four things:
 
   1. What a run costs: model FLOPs per image, counted layer by layer as torch's FlopCounterMode counts them
      (bench.py's number; a test checks they agree), x images seen / (utilisation x peak FLOP/s) = GPU-hours.
@@ -10,6 +10,8 @@ the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (arXiv 2206.04664). Thi
      resume (SBATCH below, each line with its reason).
   3. How to read a run's state from its files alone: the run directory that train.py writes (args.json,
      log.jsonl, ckpt.pt, summary.json).
+  4. Which pre-trainings are worth fine-tuning: the paper's Finding 3 (the validation loss predicts fine-tuning,
+     sec. 4) turned into a prediction of top-1 with its interval (analyze.py's fit), to fine-tune the best first.
 
     python study.py plan --grid paper                                # GPU-hours of the 63 runs and their fine-tunes
     python study.py plan --grid paper --bench gpu_report.json        # measured img/s (bench.py --what gpu) instead
@@ -17,15 +19,20 @@ the S/B/L ones also on iNaturalist 2018, COCO and ADE20K (arXiv 2206.04664). Thi
     bash study/paper/submit.sh                                       # pre-trainings, then fine-tunes (afterok)
     python study.py status study/paper                               # one row per run, read from its directory
     python study.py launch --grid miniature --executor local --out study/mini   # this machine, run after run
+    python study.py launch --grid paper --executor slurm --out study/paper --tasks none   # pre-trainings only...
+    python study.py launch --grid paper --executor slurm --out study/paper --finetune_top 2 --predict_from paper
+                                                  # ...then fine-tune the 2 best-predicted finished runs of each size
 
 A grid FILE is a CSV with the header model,data,frac,iters and optional columns images (training images of a
 data path) and tasks (downstream tasks of the row, space-separated: in1k inat18 coco ade20k synthetic). data is
 IN-1K, IN-22K, synthetic or a path. study.py imports no torch: it reads and writes files and runs the scripts.
 """
 import argparse
+import contextlib
 import csv
 import fcntl
 import glob
+import io
 import json
 import os
 import re
@@ -35,6 +42,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import analyze  # its fit of top-1 on the validation loss (Finding 3), for status and --finetune_top
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -479,8 +488,10 @@ def run_local(jobs, opt):
     return 1 if failed else 0
 
 
-def launch(jobs, opt, out):
-    """Write grid.json (the runs, for status) and, for SLURM, the job files and submit.sh; or run the grid here."""
+def launch(jobs, opt, out, submit=None):
+    """Write grid.json (the runs, for status) and, for SLURM, the job files and submit.sh; or run the grid here.
+    submit: the names of the jobs to submit or run (--finetune_top's choice); None: all of them."""
+    todo = [j for j in jobs if submit is None or j["name"] in submit]
     for job in jobs:
         batch = cost(job)["batch"]
         if batch % job["world"]:
@@ -493,13 +504,13 @@ def launch(jobs, opt, out):
                          for j in jobs])
     files = {os.path.join(out, "grid.json"): json.dumps(manifest, indent=1) + "\n"}
     if opt.executor == "slurm":
-        files.update({os.path.join(out, "jobs", j["name"] + ".sbatch"): sbatch_file(j, opt, out) for j in jobs})
-        files[os.path.join(out, "submit.sh")] = submit_script(jobs)
+        files.update({os.path.join(out, "jobs", j["name"] + ".sbatch"): sbatch_file(j, opt, out) for j in todo})
+        files[os.path.join(out, "submit.sh")] = submit_script(todo)
     if opt.dry_run:
         for path, text in files.items():
             print(f"==> {path} <==\n{text}")
         if opt.executor == "local":
-            for job in jobs:
+            for job in todo:
                 print(shlex.join(["python", job["script"]] + job["flags"]))
         return 0
     os.makedirs(os.path.join(out, "logs" if opt.executor == "slurm" else ""), exist_ok=True)  # SLURM's output files
@@ -508,10 +519,80 @@ def launch(jobs, opt, out):
         with open(path, "w") as f:
             f.write(text)
     if opt.executor == "slurm":
-        print(f"wrote {len(jobs)} job files to {os.path.join(out, 'jobs')}; "
+        print(f"wrote {len(todo)} job files to {os.path.join(out, 'jobs')}; "
               f"submit them with: bash {os.path.join(out, 'submit.sh')}")
         return 0
-    return run_local(jobs, opt)
+    return run_local(todo, opt)
+
+
+# -----------------------------------------------------------------------------
+# which pre-trainings are worth fine-tuning: top-1 predicted from the validation loss (analyze.py's fit)
+
+
+def read_runs(dirs):
+    """analyze.py's rows of the runs in dirs, each paired with the downstream runs in its subfolders (study's
+    ft_<task>_s<seed>, miniature.sh's ft_s0), read quietly: status says what state a run is in its own way."""
+    found = [d for p in dirs for d in [p] + sorted(glob.glob(os.path.join(glob.escape(p), "*"))) if os.path.isdir(d)]
+    with contextlib.redirect_stderr(io.StringIO()):
+        return analyze.load_runs([glob.escape(d) for d in found])
+
+
+def predict_top1(dirs, source="grid"):
+    """(metric, {run dir: (predicted, half width of the 90 % interval)}, [(run dir, why not)], the models fitted)
+    for the finished pre-trainings in dirs that have no fine-tuned top-1 yet. The fit is analyze.py's (one
+    intercept per model, one slope on the validation loss shared by all) on the fine-tuned runs among them (the
+    top-1 column most of them have: in1k_top1, synthetic_top1, ...), or with source 'paper' on the authors' 63
+    runs (in1k_top1; their validation loss is SimMIM's on IN-1K val at 192 px: ours must be measured so too).
+    metric is None when no run has a top-1 to fit."""
+    rows = [r for r in read_runs(dirs) if r["iters"]]  # not the runs from scratch: they have no loss
+    if source == "paper":
+        fit_rows, metric = analyze.load_csv(analyze.PAPER_CSV, source="paper"), "in1k_top1"
+    else:
+        count = {}  # fine-tuned runs per top-1 column
+        for r in rows:
+            for k in [k for k in r if k.endswith("_top1") and r[k] is not None and not r.get("partial")]:
+                count[k] = count.get(k, 0) + 1
+        if not count:
+            return None, {}, [], set()
+        fit_rows, metric = rows, max(count, key=count.get)
+    done, cannot = analyze.predict_runs(fit_rows, [r for r in rows if r.get(metric) is None], metric)
+    fitted = {r["model"] for r in analyze.fit_runs(fit_rows, metric, "val_loss")[0]}
+    return (metric, {os.path.realpath(r["run_dir"]): (p, h) for r, p, h in done},
+            [(r["run_dir"], why) for r, why in cannot if not r.get("partial")], fitted)
+
+
+def choose_finetunes(jobs, opt, out):
+    """--finetune_top K: the names of the fine-tunes to launch now, those of the K finished pre-trainings of each
+    model with the best predicted top-1 among the pre-trainings none of whose fine-tunes has started (the others
+    are left alone, as a launch leaves complete runs); prints the ranking. Refused before anything is written
+    when there is nothing to fit: no model with fine-tuned runs enough, and no --predict_from paper."""
+    after = {}
+    for j in jobs:
+        if j["after"]:
+            after.setdefault(j["after"], []).append(j)
+    pre = [j for j in jobs if j["task"] is None]
+    metric, predicted, cannot, fitted = predict_top1([j["out_dir"] for j in pre], opt.predict_from)
+    if not fitted:
+        raise ValueError(f"--finetune_top: no fine-tuned runs in {out} to predict top-1 from (a model needs "
+                         f"{analyze.MIN_RUNS}); fine-tune some first (launch without --finetune_top), "
+                         "or pass --predict_from paper")
+    ranked = {}  # model -> [(predicted, half width, pre-training job)]
+    for j in pre:
+        p = predicted.get(os.path.realpath(j["out_dir"]))
+        if p and after.get(j["name"]) and not any(os.path.exists(f["out_dir"]) for f in after[j["name"]]):
+            ranked.setdefault(j["model"], []).append((*p, j))
+    print(f"--finetune_top {opt.finetune_top}: {metric} predicted from the validation loss, fitted on the fine-tuned "
+          f"runs of the {opt.predict_from} ({analyze.LEVEL * 100:.0f} % interval), best first per model")
+    chosen = set()
+    for model, runs in ranked.items():
+        for i, (p, h, j) in enumerate(sorted(runs, key=lambda r: -r[0])):
+            now = i < opt.finetune_top
+            print(f"  {j['name']:<40} {p:7.2f} [{p - h:.2f}, {p + h:.2f}]  {'fine-tune' if now else 'not now'}")
+            chosen |= {f["name"] for f in after[j["name"]]} if now else set()
+    names = {os.path.realpath(j["out_dir"]): j["name"] for j in pre}
+    for run_dir, why in cannot:
+        print(f"  cannot predict {names.get(os.path.realpath(run_dir), run_dir)}: {why}")
+    return chosen
 
 
 # -----------------------------------------------------------------------------
@@ -627,29 +708,41 @@ def describe(run_dir, iters=None):
     return out
 
 
-def status(paths):
+def status(paths, predict_from="grid"):
     """One row per run: the runs of a study folder (its grid.json, missing ones included), or run directories
-    (globs are expanded here, so quote them)."""
-    runs = []
+    (globs are expanded here, so quote them). A finished pre-training not fine-tuned yet also gets its predicted
+    top-1 (predict_top1); the runs that cannot be predicted are named on stderr."""
+    runs = []  # (name, run dir, iterations, task: None for a pre-training or unknown)
     for path in paths:
         manifest = read_json(os.path.join(path, "grid.json"))
         if manifest:
-            runs += [(j["name"], j["out_dir"], j.get("iters")) for j in manifest["jobs"]]
+            runs += [(j["name"], j["out_dir"], j.get("iters"), j.get("task")) for j in manifest["jobs"]]
         elif glob.has_magic(path):
-            runs += [(d, d, None) for d in sorted(glob.glob(path)) if os.path.isdir(d)]
+            runs += [(d, d, None, None) for d in sorted(glob.glob(path)) if os.path.isdir(d)]
         else:
-            runs.append((path, path, None))
+            runs.append((path, path, None, None))
     if not runs:
         raise ValueError(f"status {' '.join(paths)}: no run directories there")
-    width = max(len(name) for name, _, _ in runs)
-    print(f"{'run':<{width}}  {'state':<40} {'step':>15} {'img/s':>8} {'ETA':>7}  {'latest eval':<16} {'GPU-h':>8}")
-    for name, run_dir, iters in runs:
+    metric, predicted, cannot, _ = predict_top1([d for _, d, _, task in runs if task is None], predict_from)
+    names, why = {os.path.realpath(d): name for name, d, _, _ in runs}, {}
+    for run_dir, reason in cannot:  # one line per reason
+        why.setdefault(reason, []).append(names.get(os.path.realpath(run_dir), run_dir))
+    for reason, dirs in why.items():
+        print(f"note: cannot predict {metric} of {', '.join(dirs)}: {reason}", file=sys.stderr)
+    width = max(len(name) for name, _, _, _ in runs)
+    column = f"  {metric} predicted ({analyze.LEVEL * 100:.0f} %)" if predicted else ""
+    print(f"{'run':<{width}}  {'state':<40} {'step':>15} {'img/s':>8} {'ETA':>7}  {'latest eval':<16} {'GPU-h':>8}"
+          + column)
+    for name, run_dir, iters, _ in runs:
         r = describe(run_dir, iters)
         step = "" if r["state"] == "missing" else f"{r['step']}/{r['iters'] or '?'}"
         eta = f"{int(r['eta_s'] // 3600)}h{int(r['eta_s'] % 3600 // 60):02d}" if "eta_s" in r else ""
         img_s = f"{r['img_s']:.0f}" if r.get("img_s") else ""
         gpu_h = f"{r['gpu_h']:.2f}" if "gpu_h" in r else ""
-        print(f"{name:<{width}}  {r['state']:<40} {step:>15} {img_s:>8} {eta:>7}  {r.get('latest', ''):<16} {gpu_h:>8}")
+        p, h = predicted.get(os.path.realpath(run_dir), (None, None))
+        guess = f"  {p:.2f} [{p - h:.2f}, {p + h:.2f}]" if p is not None else ""
+        print(f"{name:<{width}}  {r['state']:<40} {step:>15} {img_s:>8} {eta:>7}  {r.get('latest', ''):<16} {gpu_h:>8}"
+              + guess)
     return 0
 
 
@@ -752,8 +845,15 @@ def get_parser():
                     help="CPU cores per GPU (data loading: docs/troubleshooting.md, 5-12 per GPU)")
     la.add_argument("--signal_time", type=positive(int), default=300,
                     help="seconds before the time limit at which a job saves and requeues")
+    la.add_argument("--finetune_top", type=positive(int), default=None, metavar="K",
+                    help="launch only fine-tunes: those of the K finished pre-trainings of each model with the best "
+                         "top-1 predicted from their validation loss (status shows it), among those not fine-tuned yet")
     st = sub.add_parser("status", help="one row per run, from the run directories' files")
     st.add_argument("paths", nargs="+", help="a study folder (its grid.json), run directories, or quoted globs of them")
+    for parser in (la, st):
+        parser.add_argument("--predict_from", choices=["grid", "paper"], default="grid",
+                            help="fit top-1 on the validation loss of the grid's own fine-tuned runs, or of the "
+                                 "paper's 63 (paper_runs.csv; IN-1K top-1, SwinV2 S..g)")
     return p
 
 
@@ -761,7 +861,7 @@ def main(argv=None):
     opt = get_parser().parse_args(argv)
     try:
         if opt.command == "status":
-            return status(opt.paths)
+            return status(opt.paths, opt.predict_from)
         cells, seeds, scratch = read_grid(opt.grid)
         out = opt.out or os.path.join("study", os.path.splitext(os.path.basename(opt.grid))[0])
         if opt.command == "plan":
@@ -771,8 +871,17 @@ def main(argv=None):
             raise ValueError("--executor local runs on this machine: --nodes 1 --ft_nodes 1")
         if opt.executor == "local":
             opt.gpus_per_node = opt.gpus_per_node or 1
-        return launch(build_jobs(cells, opt, os.path.abspath(out), opt.seeds or seeds, scratch), opt,
-                      os.path.abspath(out))
+        out = os.path.abspath(out)
+        jobs = build_jobs(cells, opt, out, opt.seeds or seeds, scratch)
+        if opt.finetune_top is None:
+            return launch(jobs, opt, out)
+        chosen = choose_finetunes(jobs, opt, out)
+        if not chosen:
+            print("--finetune_top: no finished pre-training without fine-tunes can be predicted yet; nothing launched")
+            return 0
+        # grid.json keeps the pre-trainings, the runs from scratch and the fine-tunes chosen now or started before
+        return launch([j for j in jobs if not j["after"] or j["name"] in chosen or os.path.exists(j["out_dir"])],
+                      opt, out, chosen)
     except ValueError as e:
         sys.exit(f"error: {e}")
 

@@ -1,6 +1,8 @@
-"""analyze.py: Pearson r, overfitting, the paper's 63 runs, run directories, figures, bad inputs."""
+"""analyze.py: Pearson r, overfitting, the paper's 63 runs, run directories, figures, bad inputs, and the prediction
+of a metric from the loss (t quantiles, a fit by hand, the interval's coverage, the paper's leave-one-out)."""
 import csv
 import json
+import math
 import shutil
 
 import numpy as np
@@ -483,3 +485,92 @@ def test_figures_say_what_the_tables_say(tmp_path, monkeypatch):
                       "unknown (shortest run), n = 21"]
     for f in figs:
         close(f)
+
+
+# ---------------------------------------------------------------------- issue 34: predicting a metric from the loss
+
+def test_t_quantiles_match_the_table():
+    """Student's t at 95 % (the two-sided 90 % interval), as any table prints it: odd, even and infinite dof."""
+    for dof, t in ((1, 6.314), (2, 2.920), (3, 2.353), (5, 2.015), (10, 1.812), (30, 1.697), (math.inf, 1.645)):
+        assert analyze.t_quantile(0.95, dof) == pytest.approx(t, abs=1e-3), dof
+    assert analyze.t_quantile(0.975, 10) == pytest.approx(2.228, abs=1e-3)
+
+
+def test_the_fit_on_a_hand_computed_example():
+    """Two models, three runs each, the same shape around different means:
+    A: loss 0.40 0.50 0.60, top-1 80 79 77 (means 0.5, 236/3);  B: loss 0.30 0.40 0.50, top-1 85 84 82.
+    Within each model the loss deviates by -0.1, 0, +0.1 and top-1 by 4/3, 1/3, -5/3, so the shared slope is
+    sum(dx dy) / sum(dx^2) = 2 x (-0.3) / (2 x 0.02) = -15, and A's intercept 236/3 + 15 x 0.5 = 86.1667.
+    Residuals -1/6, +1/3, -1/6 in each model: RSS = 2 x 1/6 = 1/3 on 6 - 3 = 3 dof, s = 1/3.
+    At A with loss 0.45: 86.1667 - 6.75 = 953/12; leverage 1/3 (A's 3 runs) + (0.45 - 0.5)^2 / 0.04 = 19/48,
+    so the 90 % half width is t(0.95, 3) x 1/3 x sqrt(1 + 19/48) = 2.35336 x sqrt(67/48) / 3.
+    The model-mean baseline: A's mean 236/3; squared deviations 14/3 per model, s^2 = 28/3 / (6 - 2) = 7/3,
+    half width t(0.95, 4) x sqrt(7/3) x sqrt(1 + 1/3) = 2.13185 x sqrt(28/9)."""
+    models, x, y = list("AAABBB"), [0.40, 0.50, 0.60, 0.30, 0.40, 0.50], [80, 79, 77, 85, 84, 82]
+    value, half = analyze.ols(models, x, y)("A", 0.45)
+    assert value == pytest.approx(953 / 12) and half == pytest.approx(2.35336 * math.sqrt(67 / 48) / 3, rel=1e-5)
+    value, half = analyze.ols(models, None, y)("A")
+    assert value == pytest.approx(236 / 3) and half == pytest.approx(2.13185 * math.sqrt(28 / 9), rel=1e-5)
+    assert analyze.ols(["A", "A"], [0.4, 0.5], [80, 79]) is None  # a line through two points: no residual
+    assert analyze.ols(list("AABB"), [0.4, 0.4, 0.5, 0.5], [80, 79, 78, 77]) is None  # no loss varies within a model
+
+
+def test_the_90_percent_interval_covers_90_percent_of_new_runs():
+    """2,000 small grids drawn from a known line (2 models, 3 runs each: 3 residual dof, where a normal quantile
+    instead of t, or no leverage term, would cover about 80 %): a new run of a random model falls inside."""
+    rng, inside = np.random.default_rng(0), []
+    for _ in range(2000):
+        models = ["A", "A", "A", "B", "B", "B"]
+        x = rng.uniform(0.4, 0.6, 6)
+        y = np.where(np.array(models) == "A", 80.0, 84.0) - 20 * x + rng.normal(0, 0.3, 6)
+        mo, x0 = rng.choice(["A", "B"]), rng.uniform(0.35, 0.65)
+        y0 = (80.0 if mo == "A" else 84.0) - 20 * x0 + rng.normal(0, 0.3)
+        value, half = analyze.ols(models, list(x), list(y))(mo, x0)
+        inside.append(abs(y0 - value) <= half)
+    assert np.mean(inside) == pytest.approx(0.90, abs=0.03)
+
+
+def test_predict_on_the_paper_runs_beats_each_models_mean(tmp_path, no_figures):
+    """Done when (issue 34): leave-one-out, the val-loss fit misses IN-1K top-1 by less than each model's mean
+    does, and its 90 % intervals hold 80-97 % of the held-out runs. No training losses were released: n/a."""
+    analyze.main(["--paper", "--predict", "--out", str(tmp_path)])
+    pred = json.loads((tmp_path / "predictions.json").read_text())
+    loo = pred["loo"]["in1k_top1"]
+    assert loo["val_loss"]["n"] == loo["model_mean"]["n"] == 63 and loo["train_loss"] is None
+    assert round(loo["val_loss"]["mae"], 2) == 0.31 and round(loo["model_mean"]["mae"], 2) == 0.57
+    assert 0.80 <= loo["val_loss"]["coverage90"] <= 0.97
+    assert pred["predictions"] == [] and pred["cannot"] == []  # every released run was fine-tuned
+    assert (tmp_path / "in1k_top1_predicted.png").read_bytes().startswith(b"\x89PNG")
+    tables = (tmp_path / "tables.md").read_text()
+    assert "| in1k_top1 | 0.31 (94 % of 63) | n/a | 0.57 (89 % of 63) |" in tables
+
+
+def test_predict_on_run_folders_ranks_the_runs_to_fine_tune_and_names_the_rest(tmp_path, capsys, no_figures):
+    """B: four fine-tuned pre-trainings and two that are not (one without a validation loss); L: one fine-tuned
+    run (a fit needs two) and one that is not. Only B's run with a val loss can be predicted."""
+    out = tmp_path / "out"
+    for i, (val, top1) in enumerate([(0.50, 80.0), (0.48, 81.1), (0.46, 81.9), (0.44, 83.2)]):
+        run = pretrain_run(out / f"B_{i}", frac=0.1 * (i + 1), val=val, train=0.6 - 0.01 * i)
+        finetune_run(out / f"ft_B_{i}", run, top1, step=100, val_loss=val)
+    new = pretrain_run(out / "B_new", frac=0.05, val=0.45)
+    pretrain_run(out / "B_noval", frac=0.06, val=None, log=[{"step": 100, "train_loss": 0.6}])
+    finetune_run(out / "ft_L", pretrain_run(out / "L_0", model="L", val=0.40), 85.0, step=100, model="L", val_loss=0.40)
+    pretrain_run(out / "L_new", model="L", frac=0.5, val=0.39)
+    analyze.main([str(out / "*"), "--predict", "--out", str(tmp_path / "a")])
+    printed, err = capsys.readouterr()
+    assert "in1k_top1: model L: 1 fine-tuned run(s) with a val_loss, a fit needs 2; skipped" in err
+    pred = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert set(pred["loo"]["in1k_top1"]) == {"val_loss", "train_loss", "model_mean"}
+    assert set(pred["loo"]["in1k_top1"]["val_loss"]) == {"mae", "coverage90", "n"}
+    assert pred["loo"]["in1k_top1"]["val_loss"]["n"] == pred["loo"]["in1k_top1"]["train_loss"]["n"] == 4
+    [p] = [p for p in pred["predictions"] if p["metric"] == "in1k_top1"]
+    value, half = analyze.ols(["B"] * 4, [0.50, 0.48, 0.46, 0.44], [80.0, 81.1, 81.9, 83.2])("B", 0.45)
+    assert (p["run"], p["model"]) == (new, "B") and p["predicted"] == pytest.approx(value)
+    assert (p["lo90"], p["hi90"]) == (pytest.approx(value - half), pytest.approx(value + half))
+    cannot = {(c["run"].split("/")[-1], c["metric"]): c["why"] for c in pred["cannot"]}
+    assert cannot["B_noval", "in1k_top1"] == "no validation loss"
+    assert cannot["L_new", "in1k_top1"] == "model L: 1 fine-tuned run(s) with a val_loss, a fit needs 2"
+    assert f"| in1k_top1 | {new} | B | {value:.2f} | {value - half:.2f} to {value + half:.2f} |" in printed
+    assert "- in1k_top1, no validation loss: " in printed
+    assert (tmp_path / "a" / "in1k_top1_predicted.png").exists()
+    assert "predictions.json" in json.loads((tmp_path / "a" / "analysis.json").read_text())["files"]

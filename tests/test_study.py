@@ -16,6 +16,7 @@ import torch
 from torch.distributed.run import get_args_parser as torchrun_parser
 from torch.utils.flop_counter import FlopCounterMode
 
+import analyze
 import bench
 import detect
 import finetune
@@ -365,3 +366,104 @@ def test_bad_input_gets_one_line_naming_the_flag_or_file(tmp_path):
     for argv, message in cases:
         text = error_of(argv)
         assert text.startswith("error: ") and message in text and "\n" not in text, (argv, text)
+
+
+# ----------------------------------------------------------------------------- which runs to fine-tune (issue 34)
+
+
+def finished_pretraining(run, model, frac, val, iters=40, finished=True):
+    """A mim.py run directory as status and analyze.py read it: args.json, log.jsonl, and summary.json unless
+    it is still running (then its log stops at half its steps)."""
+    step = iters if finished else iters // 2
+    write_run(run, [train_row(step), dict(step=step, val_loss=val)],
+              dict(kind="pretrain", model=model, data="synthetic", frac=frac, iters=iters, step=iters, train_loss=0.5,
+                   val_loss=val) if finished else None,
+              dict(model=model, data="synthetic", frac=frac, iters=iters, identity=dict(iters=iters, batch_size=64)))
+
+
+def finished_finetune(run, model, top1, iters=40, task="synthetic"):
+    """finetune.py's summary.json in the grid's place for it, naming the final step of its pre-training."""
+    pretrained = dict(path=f"{run}/ckpt.pt", run_dir=str(run), model=model, step=iters)
+    write_run(run / f"ft_{task}_s0", [], dict(kind="finetune", task=task, model=model, best_top1=top1, best_top5=90.0,
+                                             pretrained=pretrained), dict(task=task, pretrained=pretrained))
+
+
+@pytest.fixture
+def half_done_study(tmp_path):
+    """A grid of nano and tiny x 6 fractions, launched for its pre-trainings only (--tasks none). Per model, two
+    runs are fine-tuned; of the others three are finished, one still runs, and top-1 = intercept - 40 x val loss
+    (+-0.1, so that the fit has a residual), so the lowest validation losses predict the highest top-1."""
+    fracs = (0.01, 0.05, 0.1, 0.2, 0.5, 1)
+    grid = grid_file(tmp_path, "".join(f"{m},synthetic,{f},40,synthetic\n" for m in ("nano", "tiny") for f in fracs))
+    out = tmp_path / "study"
+    assert study.main(["launch", "--grid", grid, "--executor", "slurm", "--out", str(out), "--tasks", "none"]) == 0
+    vals = dict(zip(fracs, (0.60, 0.50, 0.55, 0.45, 0.52, 0.40)))  # 0.5 and 1 are fine-tuned; 1 % still runs
+    for model, intercept in (("nano", 40.0), ("tiny", 50.0)):
+        for i, f in enumerate(fracs):
+            run = out / "runs" / f"{model}_synthetic_frac{f:g}_40"
+            finished_pretraining(run, model, f, vals[f], finished=f != 0.01)
+            if f in (0.5, 1):
+                finished_finetune(run, model, intercept - 40 * vals[f] + (0.1 if (f == 1) == (model == "nano") else -0.1))
+    return grid, out
+
+
+def test_status_predicts_top1_of_finished_runs_not_fine_tuned_yet(half_done_study, capsys):
+    grid, out = half_done_study
+    rows = status_rows(capsys, out)
+    analyzed = {r["run_dir"]: r for r in analyze.load_runs([str(out / "runs" / "*"), str(out / "runs" / "*" / "ft_*")])}
+    fit = [r for r in analyzed.values() if r.get("synthetic_top1") is not None]
+    assert len(fit) == 4
+    for model in ("nano", "tiny"):
+        for f in (0.05, 0.1, 0.2):
+            name = f"{model}_synthetic_frac{f:g}_40"
+            [(_, value, half)], _ = analyze.predict_runs(fit, [analyzed[str(out / "runs" / name)]], "synthetic_top1")
+            assert rows[name].endswith(f"  {value:.2f} [{value - half:.2f}, {value + half:.2f}]"), rows[name]
+        for f in (0.01, 0.5, 1):  # still running, or fine-tuned already: nothing to predict
+            assert "[" not in rows[f"{model}_synthetic_frac{f:g}_40"]
+    study.main(["status", str(out)])
+    assert "synthetic_top1 predicted (90 %)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_finetune_top_launches_the_k_best_predicted_per_model(half_done_study, capsys):
+    grid, out = half_done_study
+    before = sorted(p.name for p in (out / "jobs").iterdir())
+    assert study.main(["launch", "--grid", grid, "--executor", "slurm", "--out", str(out), "--finetune_top", "2"]) == 0
+    printed = capsys.readouterr().out
+    # the two lowest val losses among the finished runs not fine-tuned (0.45, 0.50 of 0.45, 0.50, 0.55; the
+    # running 1 % run has 0.60 and no summary), for each model
+    chosen = [f"{m}_synthetic_frac{f}_40.synthetic_s0" for m in ("nano", "tiny") for f in ("0.2", "0.05")]
+    new = sorted(set(p.name for p in (out / "jobs").iterdir()) - set(before))
+    assert new == sorted(f"{name}.sbatch" for name in chosen)
+    submit = (out / "submit.sh").read_text()
+    assert sorted(re.findall(r" (\S+)\.sbatch\)", submit)) == sorted(chosen)  # the only jobs it submits
+    assert "nano_synthetic_frac0.1_40  " in printed and "not now" in printed
+    jobs = {j["name"]: j for j in json.loads((out / "grid.json").read_text())["jobs"]}
+    done = [f"{m}_synthetic_frac{f}_40.synthetic_s0" for m in ("nano", "tiny") for f in ("0.5", "1")]
+    assert sum(j["task"] is None for j in jobs.values()) == 12  # status still shows every pre-training...
+    assert sorted(n for n, j in jobs.items() if j["task"]) == sorted(chosen + done)  # ...and the fine-tunes so far
+    # again: the chosen have started (their run folders exist) and are skipped; the next best is taken
+    for name in chosen:
+        (out / "runs" / name.replace(".synthetic_s0", "") / "ft_synthetic_s0").mkdir()
+    assert study.main(["launch", "--grid", grid, "--executor", "slurm", "--out", str(out), "--finetune_top", "1"]) == 0
+    assert sorted(re.findall(r" (\S+)\.sbatch\)", (out / "submit.sh").read_text())) == \
+        [f"{m}_synthetic_frac0.1_40.synthetic_s0" for m in ("nano", "tiny")]
+
+
+def test_finetune_top_refuses_without_fine_tuned_runs_and_predicts_from_the_paper(tmp_path, capsys):
+    grid = grid_file(tmp_path, "B,IN-1K,0.1,125000,in1k\nB,IN-1K,0.2,125000,in1k\nB,IN-1K,0.5,125000,in1k\n")
+    out = tmp_path / "study"
+    for frac, val in ((0.1, 0.4822), (0.2, 0.4703), (0.5, 0.4683)):  # the paper's B at 125K: 83.33, 83.86, 84.04
+        finished_pretraining(out / "runs" / f"B_in1k_frac{frac:g}_125k", "B", frac, val, iters=125000)
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    text = error_of(["launch", "--grid", grid, "--executor", "slurm", "--out", str(out), "--finetune_top", "1"])
+    assert text.startswith("error: --finetune_top: no fine-tuned runs in") and "--predict_from paper" in text
+    assert "\n" not in text and sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing written
+    assert "argument --finetune_top: '0' must be > 0" in error_of(["launch", "--executor", "slurm", "--finetune_top", "0"])
+    # the authors' 63 runs as the fit: B's lowest validation loss is fine-tuned first
+    assert study.main(["launch", "--grid", grid, "--executor", "slurm", "--out", str(out), "--finetune_top", "1",
+                       "--predict_from", "paper"]) == 0
+    assert re.findall(r" (\S+)\.sbatch\)", (out / "submit.sh").read_text()) == ["B_in1k_frac0.5_125k.in1k_s0"]
+    paper = analyze.load_csv(analyze.PAPER_CSV, source="paper")
+    [(_, value, half)], _ = analyze.predict_runs(paper, [dict(model="B", iters=125000, val_loss=0.4703)], "in1k_top1")
+    assert status_rows(capsys, out, "--predict_from", "paper")["B_in1k_frac0.2_125k"].endswith(
+        f"  {value:.2f} [{value - half:.2f}, {value + half:.2f}]")
