@@ -6,6 +6,7 @@ Speed lives here, never in the tests. Each mode prints one line per measured con
     python bench.py --what simmim --model B --batch 128 --compile      # SimMIM step on a GPU (bf16)
     python bench.py --what encoder --embed_dim 96 --depths 2,2,6,2 --batch 8 --timm   # ours vs timm
     python bench.py --what data --jpeg_size 500x375,2000x1500          # decode+crop img/s per CPU-second
+    python bench.py --what archives --images 2000                      # zip / tar index and reading speed
 
 Clocks: on a GPU, wall seconds between torch.cuda.synchronize() calls (the GPU runs asynchronously);
 on a CPU, CPU seconds of this process (time.process_time: the other jobs of a shared machine do not
@@ -28,7 +29,9 @@ import argparse
 import contextlib
 import gc
 import importlib
+import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,8 +54,8 @@ import train
 
 def get_parser():
     p = argparse.ArgumentParser(description="throughput and peak memory of a training step or the data pipeline")
-    p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data", "gpu"],
-                   help="what to time; gpu: the full GPU report")
+    p.add_argument("--what", default="simmim", choices=["simmim", "encoder", "data", "archives", "gpu"],
+                   help="what to time; archives: the zip and tar layouts of data.py; gpu: the full GPU report")
     p.add_argument("--model", default="B", help="preset: S, B, L, H, g, nano or tiny")
     p.add_argument("--embed_dim", type=int, default=None,
                    help="override the preset's width C (e.g. 96 for a T-sized model)")
@@ -74,6 +77,8 @@ def get_parser():
     p.add_argument("--jpeg_size", default="500x375",
                    help="data mode: WxH of the made JPEGs, comma-separated (ImageNet is ~500x375)")
     p.add_argument("--images", type=int, default=200, help="data mode: images to decode per measurement")
+    p.add_argument("--members", type=int, default=1_000_000, help="archives mode: members of the indexed archives")
+    p.add_argument("--jpegs", type=int, default=10_000, help="archives mode: JPEGs read from each layout")
     p.add_argument("--budget", type=float, default=480,
                    help="gpu mode: seconds for the whole report (it skips what would not fit)")
     p.add_argument("--json", default="gpu_report.json",
@@ -253,6 +258,136 @@ def bench_data(args):
                     f"(/ plain uint8 {best['ours'] / best['plain uint8']:.2f}x)", flush=True)
     torch.set_num_threads(threads)
     return best
+
+
+# -----------------------------------------------------------------------------
+# archives (data.py): the index of a 1M-member zip and of tar shards, and reading speed per layout
+
+def private_mb(pid):
+    """Private (not shared with any other process) resident memory of process pid in MB (Linux)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_")) / 1024
+
+
+def write_layouts(folder, contents, n, shard_size, labels=True):
+    """The same n images (contents[i % len(contents)]) as loose files (if labels), the official zip layout
+    (train.zip + train_map.txt) and tar shards of shard_size images (with KEY.cls if labels)."""
+    import io
+    import tarfile
+    import zipfile
+    names = [f"n{k % 1000:08d}/img_{k:07d}.jpg" for k in range(n)]
+    if labels:
+        for k, name in enumerate(names):
+            os.makedirs(os.path.join(folder, "loose", os.path.dirname(name)), exist_ok=True)
+            with open(os.path.join(folder, "loose", name), "wb") as f:
+                f.write(contents[k % len(contents)])
+    os.makedirs(os.path.join(folder, "zip"))
+    with zipfile.ZipFile(os.path.join(folder, "zip", "train.zip"), "w", zipfile.ZIP_STORED) as z:
+        for k, name in enumerate(names):
+            z.writestr(name, contents[k % len(contents)])
+    with open(os.path.join(folder, "zip", "train_map.txt"), "w") as f:
+        f.writelines(f"{name}\t{k % 1000}\n" for k, name in enumerate(names))
+    os.makedirs(os.path.join(folder, "tar"))
+    for s in range(0, n, shard_size):
+        with tarfile.open(os.path.join(folder, "tar", f"shard-{s // shard_size:06d}.tar"), "w") as t:
+            for k in range(s, min(s + shard_size, n)):
+                members = [(f"{k:07d}.jpg", contents[k % len(contents)])]
+                members += [(f"{k:07d}.cls", str(k % 1000).encode())] if labels else []
+                for name, raw in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(raw)
+                    t.addfile(info, io.BytesIO(raw))
+
+
+def in_child(fn, *a):
+    """fn(*a) in a forked process, so its memory and the cache it finds are measured from a clean start."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=lambda: send.send(fn(*a)))  # not a Pool's daemon: it may start loader workers
+    child.start()
+    out = receive.recv()
+    child.join()
+    return out
+
+
+def open_index(path):
+    """(seconds to open the data set, index bytes per image besides its name, name bytes per image, resident
+    MB it added, images)."""
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    before, t0 = rss_mb(), time.perf_counter()
+    ds = data.open_dataset(path)
+    sec, grown = time.perf_counter() - t0, rss_mb() - before
+    arrays = (ds.names.offsets, ds.archive, ds.start, ds.size, ds.method, ds.targets)  # and the names' bytes
+    return sec, sum(a.nbytes for a in arrays) / len(ds), ds.names.blob.nbytes / len(ds), grown, len(ds)
+
+
+def worker_memory(path, samples, workers=2):
+    """Private MB of each data-loader worker after `samples` samples of the pre-training stream."""
+    ds = data.open_dataset(path)
+    stream = data.TrainStream(ds, np.arange(len(ds)), data.pretrain_transform(32), seed=0)
+    it = iter(data.make_loader(stream, 32, sampler=data.StreamSampler(32, 32), workers=workers))
+    for _ in range(samples // 32):
+        next(it)
+    return [private_mb(w.pid) for w in it._workers]
+
+
+def bench_archives(args):
+    """The data layouts of data.py: (1) index of --members members, as one zip and as tar shards of 10K:
+    build time (cold: no cache), load time (cached), bytes per image, memory; the private memory of each of
+    2 data-loader workers after 8,000 samples; (2) images per CPU-second of one thread (= one worker)
+    through the pre-training transform, from the same --jpegs JPEGs as loose files, the zip and tar shards.
+    Files are read from the page cache (written just before): this measures the CPU cost of each layout,
+    not a cluster file system's metadata cost, which is why the archives exist."""
+    from PIL import Image
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows, cache = {}, os.environ.get("SIMMIM_INDEX_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SIMMIM_INDEX_CACHE"] = os.path.join(tmp, "cache")  # cold, then cached, and removed after
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 48), (90, 120, 30)).save(buf, "JPEG")
+        t0 = time.perf_counter()
+        write_layouts(os.path.join(tmp, "big"), [buf.getvalue()], args.members, 10000, labels=False)
+        print(f"archives: {args.members:,} members of {len(buf.getvalue())} bytes written in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        for layout in ("zip", "tar"):
+            path = os.path.join(tmp, "big", layout)
+            cold, per_image, name, grown, n = in_child(open_index, path)
+            warm, _, _, grown_warm, _ = in_child(open_index, path)
+            samples = min(8000, args.members)
+            private = in_child(worker_memory, path, samples)
+            rows[f"index {layout}"] = dict(build_s=cold, cached_s=warm, bytes_per_image=per_image, name_bytes=name,
+                                           build_rss_mb=grown, cached_rss_mb=grown_warm, worker_private_mb=private)
+            print(f"index {layout}: {n:,} images, built in {cold:.1f} s (+{grown:.0f} MB resident), cached "
+                  f"{warm:.2f} s (+{grown_warm:.0f} MB), {per_image:.0f} bytes per image + its name ({name:.0f}); "
+                  f"private MB per worker after {samples:,} samples: {', '.join(f'{m:.0f}' for m in private)}",
+                  flush=True)
+        shutil.rmtree(os.path.join(tmp, "big"))
+        make_jpegs(os.path.join(tmp, "distinct"), 500, 375, n=100)
+        contents = [open(os.path.join(tmp, "distinct", "a", f"{i}.jpg"), "rb").read() for i in range(100)]
+        write_layouts(os.path.join(tmp, "jpegs"), contents, args.jpegs, 1000)
+        streams = {layout: data.TrainStream(data.open_dataset(os.path.join(tmp, "jpegs", layout)),
+                                            np.arange(args.jpegs), data.pretrain_transform(192), seed=0)
+                   for layout in ("loose", "zip", "tar")}
+        best = dict.fromkeys(streams, 0.0)
+        for r in range(3):
+            for layout, stream in (list(streams.items()) if r % 2 == 0 else list(streams.items())[::-1]):
+                t0 = time.process_time()
+                for pos in range(r * args.images, (r + 1) * args.images):
+                    stream[pos]
+                best[layout] = max(best[layout], args.images / (time.process_time() - t0))
+        rows["read"] = best
+        print(f"read: {args.jpegs:,} JPEGs of 500x375 ({np.mean([len(c) for c in contents]) / 1000:.0f} KB), crop "
+              f"192, img per CPU-second of one thread: " + ", ".join(f"{k} {v:.0f}" for k, v in best.items()),
+              flush=True)
+    os.environ.pop("SIMMIM_INDEX_CACHE")
+    if cache is not None:
+        os.environ["SIMMIM_INDEX_CACHE"] = cache
+    torch.set_num_threads(threads)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -887,6 +1022,8 @@ def main(argv=None):
                      "pip install timm")
     if args.what == "data":
         return bench_data(args)
+    if args.what == "archives":
+        return bench_archives(args)
     if args.what == "gpu":
         if not torch.cuda.is_available():
             sys.exit("error: bench.py --what gpu needs a CUDA GPU (torch.cuda.is_available() is False); "

@@ -14,9 +14,10 @@ and on ImageNet-22K (sec. 3). This file follows one pre-training sample from dis
      and a restart at step s continues exactly. An item is an `Item` of named fields, a batch too.
 
 What pre-training on class folders does not need comes after: the packed name store and the readers of
-ImageNet-22K file lists and iNaturalist json, then fine-tuning's augmentation (RandAugment). The synthetic
-image set of the demo and the tests lives in synthetic.py. Read next: mim.py, which calls
-open_dataset -> subset_indices -> TrainStream + StreamSampler -> make_loader.
+ImageNet-22K file lists and iNaturalist json, then fine-tuning's augmentation (RandAugment). The official
+zip layout and tar shards are read by archives.py, a folder of your own images by scan_folder with
+--val_frac (open_splits); the synthetic image set of the demo and the tests lives in synthetic.py.
+Read next: mim.py, which calls open_splits -> subset_indices -> TrainStream + StreamSampler -> make_loader.
 """
 import array
 import functools
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import signal
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -36,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import functional as F  # on PIL images: PIL's own operations
 from torchvision.transforms.v2 import functional as TF  # on uint8 tensors: its fast resize
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,22 +67,29 @@ class ImageFiles:
 
 
 def scan_folder(root):
-    """ImageFolder layout: root/<class>/**/<image>; classes sorted by name get labels 0, 1, ..."""
+    """Every image under root, in any nesting, in a sorted order that does not depend on the file system.
+    ImageFolder's layout, root/<class>/**/<image>, gives labels: classes sorted by name are 0, 1, ...;
+    an image outside a class folder (a flat folder of your own images) has label -1 (unlabelled)."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    label_of = {c: k for k, c in enumerate(classes)}
     names, targets = [], []
-    for label, c in enumerate(classes):
-        for d, subdirs, files in os.walk(os.path.join(root, c), followlinks=True):
-            subdirs.sort()  # os.walk order is file-system dependent; the manifest must not be
-            names += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
-            targets += [label] * (len(names) - len(targets))
+    for d, subdirs, files in os.walk(root, followlinks=True):
+        subdirs.sort()  # os.walk order is file-system dependent; the manifest must not be
+        rel = os.path.relpath(d, root)
+        label = -1 if rel == "." else label_of[rel.split(os.sep)[0]]
+        names += [os.path.normpath(os.path.join(rel, f)) for f in sorted(files) if f.lower().endswith(IMG_EXTS)]
+        targets += [label] * (len(names) - len(targets))
     return ImageFiles(root, Names.from_list(names), targets, classes)
 
 
 def split_path(path, split):
-    """Where a folder keeps one split: path/<split>/, or its one <split>*.json (iNaturalist's train2018.json,
-    val2018.json). None if it has neither: then the folder itself is the data."""
+    """Where a folder keeps one split: path/<split>/, the official zip layout's <split>.zip (with
+    <split>_map.txt), or its one <split>*.json (iNaturalist's train2018.json, val2018.json). None if it has
+    none of them: then the folder itself is the data."""
     if os.path.isdir(os.path.join(path, split)):
         return os.path.join(path, split)
+    if os.path.isfile(os.path.join(path, split + ".zip")):
+        return os.path.join(path, split + ".zip")
     found = (sorted(f for f in os.listdir(path) if f.startswith(split) and f.endswith(".json"))
              if os.path.isdir(path) else [])
     if len(found) > 1:
@@ -89,8 +99,9 @@ def split_path(path, split):
 
 
 def open_dataset(path, split="train"):
-    """'synthetic[:N]' | a folder (with a `split` subfolder or `split`*.json, or of class folders) | a .txt
-    file list | a COCO-style .json (iNaturalist)."""
+    """'synthetic[:N]' | a folder (with a `split` subfolder, `split`.zip or `split`*.json; of class folders;
+    of images in any nesting; of .tar shards) | a .txt file list | a COCO-style .json (iNaturalist) | a
+    .zip with its _map.txt | .tar shards as a brace pattern (shards/in22k-{000000..001399}.tar)."""
     if path == "synthetic" or path.startswith("synthetic:"):
         n = path.partition(":")[2]
         if split not in ("train", "val") or not (n.isdigit() and int(n) > 0 or n == ""):
@@ -98,36 +109,75 @@ def open_dataset(path, split="train"):
         import synthetic  # the demo's image set (imported here: it imports this file)
         return synthetic.SyntheticImages(split, synthetic.VAL_IMAGES if split == "val"
                                          else int(n or synthetic.TRAIN_IMAGES))
-    if not (os.path.isdir(path) or path.endswith((".txt", ".json")) and os.path.isfile(path)):
-        raise FileNotFoundError(f"data path {path!r} is not an existing folder, .txt file list, .json or 'synthetic'")
-    path = split_path(path, split) or path
-    ds = (read_file_list(path) if path.endswith(".txt") else read_coco_json(path) if path.endswith(".json")
+    import archives  # the zip and tar readers (imported here: they import this file)
+    shards = (archives.shard_paths(path) if "{" in path and not os.path.exists(path)  # a brace pattern
+              else [path] if path.endswith(".tar") and os.path.isfile(path) else None)
+    if shards is None:
+        if not (os.path.isdir(path) or path.endswith((".txt", ".json", ".zip")) and os.path.isfile(path)):
+            raise FileNotFoundError(f"data path {path!r} is not an existing folder, .txt file list, .json, .zip, "
+                                    f".tar shards or 'synthetic'")
+        path = split_path(path, split) or path
+        folder = os.path.isdir(path)
+        shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar")) if folder else None
+    ds = (archives.read_shards(shards) if shards else read_file_list(path) if path.endswith(".txt")
+          else read_coco_json(path) if path.endswith(".json") else archives.read_zip(path) if path.endswith(".zip")
           else scan_folder(path))
     if len(ds) == 0:
-        raise FileNotFoundError(f"no images found in data path {path!r} (want <class>/<image>{IMG_EXTS[0]} "
-                                f"folders, 'relative/path label' lines or a json with images)")
+        raise FileNotFoundError(f"no images found in data path {path!r} (want images{IMG_EXTS[0]} in any nesting, "
+                                f"'relative/path label' lines, a json with images, a zip or .tar shards)")
     return ds
 
 
-def open_splits(data_path, val_path=None):
-    """(train, held-out) datasets of --data / --val_data. Without --val_data the held-out images are
-    --data's val split (val/ or val*.json); a path without one is refused, since its 'val' would be the
-    training set."""
+def open_splits(data_path, val_path=None, val_frac=None):
+    """(train, held-out) datasets of --data / --val_data / --val_frac. Without --val_data the held-out
+    images are --data's val split (val/, val.zip or val*.json), or with --val_frac F a fixed part of
+    --data: round(F * N) images drawn with seed 0 (the same for every run, so validation losses compare),
+    the training images being the rest. A path without a val split is refused otherwise, since its 'val'
+    would be the training set."""
     train_set = open_dataset(data_path, "train")
+    if val_frac is not None:
+        if val_path is not None:
+            raise ValueError("--val_frac holds out part of --data, --val_data names other images: pass one of them")
+        held = subset_indices(len(train_set), val_frac, 0, flag="--val_frac")
+        if len(held) == len(train_set):
+            raise ValueError(f"--val_frac {val_frac} of {len(train_set)} images leaves no image for training")
+        return Part(train_set, np.setdiff1d(np.arange(len(train_set)), held)), Part(train_set, held)
     if val_path is None and not data_path.startswith("synthetic") and split_path(data_path, "val") is None:
-        raise ValueError(f"--data {data_path} has no val/ folder or val*.json: pass held-out images with --val_data")
+        raise ValueError(f"--data {data_path} has no val/ folder, val.zip or val*.json: pass held-out images "
+                         f"with --val_data, or hold out a part with --val_frac")
     return train_set, open_dataset(val_path or data_path, "val")
+
+
+class Part:
+    """Images `indices` of a dataset, as a dataset of their own (--val_frac's held-out part and the rest):
+    its names are the dataset's, so a manifest names the same files."""
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices, np.int64)
+        self.names, self.classes = dataset.names.take(self.indices), dataset.classes
+        self.targets = np.asarray(dataset.targets)[self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def name(self, i):
+        return self.names[i]
+
+    def open(self, i):
+        return self.dataset.open(int(self.indices[i]))
+
+    def path(self, i):
+        return where(self.dataset, int(self.indices[i]))
 
 
 # ----------------------------------------------------------------------------- 2. subsets and manifests
 
-def subset_indices(n, frac, seed):
+def subset_indices(n, frac, seed, flag="--frac"):
     """The first round(frac*n) entries of one permutation drawn from `seed`, sorted: uniformly random
     (not class-balanced), nested across frac, and independent of rank, world size and global RNGs."""
     if not 0 < frac <= 1:  # also rejects NaN
-        raise ValueError(f"--frac must be in (0, 1], got {frac}")
+        raise ValueError(f"{flag} must be in (0, 1], got {frac}")
     if round(frac * n) == 0:
-        raise ValueError(f"--frac {frac} of a dataset of {n} images selects no image")
+        raise ValueError(f"{flag} {frac} of a dataset of {n} images selects no image")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:round(frac * n)]).astype(np.int64)
 
@@ -267,7 +317,7 @@ class Item(NamedTuple):
     image: torch.Tensor  # uint8 (3, H, W); float (normalised) for fine-tuning's training view (finetune_transform)
     label: int  # class index; -1 where a dataset has none (ADE20K)
     pos: int  # where it came from: its stream position (TrainStream) or its dataset index (EvalSet)
-    bad: int  # unreadable files skipped to get it: each was replaced by the next one
+    bad: int  # TrainStream: unreadable files skipped to get it (each replaced by the next); EvalSet: 1 = left out
     mask: Optional[torch.Tensor] = None  # SimMIM's mask of the image (mim.py), made in the data-loader worker
     target: object = None  # a dense task's target: segment.py's label map, detect.py's boxes and masks
 
@@ -304,10 +354,14 @@ def unreadable(dataset, i):
     return None
 
 
+def where(dataset, i):
+    """Where dataset image i lives, for a message: its file, or archive:member (a dataset's path(i))."""
+    return dataset.path(i) if hasattr(dataset, "path") else os.path.join(getattr(dataset, "root", ""), dataset.name(i))
+
+
 def failure(dataset, i):
     """'path (why)' for an image that load() could not read: the training process's warning."""
-    path = os.path.join(getattr(dataset, "root", ""), dataset.name(i))
-    return f"{path} ({unreadable(dataset, i) or 'failed in a transform'})"
+    return f"{where(dataset, i)} ({unreadable(dataset, i) or 'failed in a transform'})"
 
 
 def check_readable(dataset, indices, what):
@@ -365,9 +419,11 @@ class TrainStream(Dataset):
 
 
 class EvalSet(Dataset):
-    """Fixed images with a deterministic transform; item i is dataset image indices[i], or the next
-    readable one if that file is broken. Its pos is the *requested* dataset index, and its mask is
-    masks(index) if `masks` is given (mim.py: the image's fixed mask)."""
+    """Fixed images with a deterministic transform; item i is dataset image indices[i], its pos that index,
+    its mask masks(index) if `masks` is given (mim.py: the image's fixed mask). An unreadable image is left
+    out of the scores, never replaced (it would count another image twice): its item carries the next
+    readable image only as a stand-in, so a batch keeps its shape, with bad = 1. Evaluations score the
+    items that `scored` keeps and count the others."""
     def __init__(self, dataset, indices, transform, masks=None):
         self.dataset, self.indices, self.transform, self.masks = dataset, np.asarray(indices), transform, masks
 
@@ -375,13 +431,21 @@ class EvalSet(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        for bad in range(min(MAX_BAD, len(self))):
-            out = load(self.dataset, int(self.indices[(i + bad) % len(self)]), self.transform)
+        index = int(self.indices[i])
+        for k in range(min(MAX_BAD, len(self))):
+            out = load(self.dataset, int(self.indices[(i + k) % len(self)]), self.transform)
             if out is not None:
                 image, label, target = out
-                index = int(self.indices[i])
-                return Item(image, label, index, bad, self.masks(index) if self.masks else None, target)
+                return Item(image, label, index, int(k > 0), self.masks(index) if self.masks else None, target)
         raise RuntimeError(f"no readable image near evaluation item {i}: check the data path")
+
+
+def scored(batch, eval_set):
+    """Which items of an EvalSet batch to score: a bool (B,) tensor. Each one left out is named on stderr."""
+    keep = torch.as_tensor(batch.bad) == 0
+    for index in torch.as_tensor(batch.pos)[~keep].tolist():
+        tqdm.write(f"unreadable evaluation image {failure(eval_set.dataset, index)}: left out", file=sys.stderr)
+    return keep
 
 
 class StreamSampler(Sampler):
@@ -461,6 +525,19 @@ class Names:
     def __iter__(self):
         for k in range(0, len(self), 1 << 16):  # 64K names at a time: one split, no per-name slicing
             yield from map(os.fsdecode, self.joined(range(k, min(k + (1 << 16), len(self)))).split(b"\n")[:-1])
+
+    def take(self, indices):
+        """The names at `indices`, as a Names of their own."""
+        blob = np.frombuffer(self.joined(indices), np.uint8)
+        offsets = np.zeros(len(indices) + 1, np.int64)
+        np.cumsum(self.offsets[1:][indices] - self.offsets[:-1][indices], out=offsets[1:])
+        return Names(blob, offsets)
+
+    @classmethod
+    def concatenate(cls, parts):
+        lengths = [p.offsets[-1] for p in parts]
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, np.cumsum([0] + lengths[:-1]))])
+        return cls(np.concatenate([p.blob for p in parts]), offsets.astype(np.int64))
 
     def joined(self, indices):
         """b''.join(name + newline for the names at `indices`), gathered without a Python loop over names."""

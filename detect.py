@@ -417,13 +417,17 @@ class EvalImages(torch.utils.data.Dataset):
     this size."""
 
     def __init__(self, index: CocoIndex, indices):
-        self.index, self.indices = index, [int(i) for i in indices]
+        self.dataset, self.indices = index, [int(i) for i in indices]
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return data.Item(self.index.image(self.indices[i]), -1, self.indices[i], 0)
+        k = self.indices[i]
+        try:
+            return data.Item(self.dataset.image(k), -1, k, 0)
+        except data.READ_ERRORS:  # left out of the scores and counted (data.scored), never replaced
+            return data.Item(torch.zeros(3, 1, 1, dtype=torch.uint8), -1, k, 1)
 
 
 def collate(items):
@@ -493,8 +497,11 @@ def evaluate(model, loader, gt: CocoIndex, cat_ids, device):
     model.eval()
     results, image_ids = [], []
     for batch in loader:
-        preds = model(model_input(batch.image, device))
-        ids = [int(gt.ids[k]) for k in batch.pos.tolist()]  # COCO's image ids
+        keep = data.scored(batch, loader.dataset).tolist()  # an unreadable image is left out of COCOeval
+        if not any(keep):
+            continue
+        preds = model(model_input([x for x, k in zip(batch.image, keep) if k], device))
+        ids = [int(gt.ids[p]) for p, k in zip(batch.pos.tolist(), keep) if k]  # COCO's image ids
         for pred, image_id in zip(preds, ids):
             results += coco_results(pred, image_id, cat_ids)
         image_ids += ids
@@ -505,7 +512,8 @@ def evaluate(model, loader, gt: CocoIndex, cat_ids, device):
         dist.gather_object((results, image_ids), parts, dst=0)
         if master:
             results, image_ids = [r for p in parts for r in p[0]], [i for p in parts for i in p[1]]
-    metrics = [coco_ap(gt.coco, sorted(results, key=lambda d: d["image_id"]), image_ids) if master else None]
+    metrics = [dict(coco_ap(gt.coco, sorted(results, key=lambda d: d["image_id"]), image_ids), images=len(image_ids))
+               if master else None]
     if dist.is_initialized():
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
@@ -615,6 +623,8 @@ def get_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    g.add_argument("--tensorboard", action=train.TensorBoard,
+                   help="also write the log's numbers as TensorBoard events in the run directory (optional package)")
     g.add_argument("--dist_timeout", type=train.count, default=60,
                    help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
                         "default 60")
@@ -700,7 +710,7 @@ def eval_only(run, model, K, val_loader, val_set, cat_ids, classes, val_idx, dev
     metrics = coco_eval(ckpt["step"], model, val_loader, val_set, cat_ids, classes, val_idx, run, device, master)
     metrics = dict(epoch=ckpt["step"] / epoch_steps, **metrics)
     if master:
-        train.save_json(run.file("eval.json"), dict(step=ckpt["step"], images=len(val_idx), **metrics))
+        train.save_json(run.file("eval.json"), dict(step=ckpt["step"], **metrics))
         print0(f"-> {run.file('eval.json')}")
     return metrics
 
@@ -711,7 +721,7 @@ def coco_eval(step, model, val_loader, val_set, cat_ids, classes, val_idx, run, 
     if master:
         pct = lambda v: "n/a (no objects)" if v is None else f"{v:.2f}"  # COCOeval's -1: no ground truth to score
         tqdm.write(f"step {step}: box AP {pct(metrics['box_ap'])}, mask AP {pct(metrics['mask_ap'])} "
-                   f"on {len(val_idx)} images")
+                   f"on {metrics['images']} images")
         save_pictures(run.file(f"pred_{step:07d}.png"), model, val_set, val_idx, classes, device)
     return metrics
 
@@ -741,7 +751,7 @@ def main(argv=None):
     stream = PairStream(train_set, LargeScaleJitter(r["img_size"], r["jitter"]), args.seed)
 
     # ---- processes and the run directory (let go however this block ends)
-    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+    with train.session(r["out_dir"], args.dist_timeout, args.tensorboard) as (run, device, rank, world):
         master = rank == 0
         dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
         print0(f"{'model':>14} Mask R-CNN + FPN ({r['fpn_channels']} ch) on SwinV2-{args.model}, {r['img_size']} px "
@@ -812,7 +822,8 @@ def main(argv=None):
         coco = {k: evals[-1][k] for k in evals[-1] if k.startswith(("box_", "mask_"))}
         summary = dict(kind="detect", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data,
                        pretrained=pretrained, metrics=dict(box_ap=coco["box_ap"], mask_ap=coco["mask_ap"]),
-                       coco_eval=coco, **run.counters())
+                       coco_eval=coco, val_images=evals[-1]["images"],
+                       val_unreadable=len(val_idx) - evals[-1]["images"], **run.counters())
         run.finish(summary)
         return coco
 

@@ -154,7 +154,8 @@ def evaluate(model, loader, device, ctx):
         with ctx:
             logits = model(data.normalize(batch.image.to(device, non_blocking=True)))
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu() == batch.label[:, None]  # (B, 5)
-        c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(batch.label)
+        hits = hits[data.scored(batch, loader.dataset)]  # an unreadable image is left out, not replaced
+        c1, c5, n = c1 + int(hits[:, 0].sum()), c5 + int(hits.any(1).sum()), n + len(hits)
     model.train()
     c1, c5, n = train.all_sum(c1, c5, n, device=device)
     return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n)
@@ -179,8 +180,9 @@ def get_parser():
                    help="stochastic depth rate (official B: 0.1)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing per block (for H and g)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders, a file list, "
-                   "iNaturalist's train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ class folders (or "
+                   "train.zip and val.zip with their _map.txt), .tar shards with KEY.cls, a file list, iNaturalist's "
+                   "train2018.json (or a folder holding train2018.json and val2018.json), or 'synthetic'")
     g.add_argument("--val_data", default=None, help="evaluation images (e.g. val2018.json); default: the val split "
                    "of --data")
     g.add_argument("--val_images", type=train.natural, default=0, help="evaluate a fixed subset of this many images; "
@@ -230,6 +232,8 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint (or a --pretrained one "
                    "with a head), write eval.json")
+    g.add_argument("--tensorboard", action=train.TensorBoard,
+                   help="also write the log's numbers as TensorBoard events in the run directory (optional package)")
     g.add_argument("--dist_timeout", type=train.count, default=60, help="minutes a process waits for the others "
                    "(rank 0 evaluating alone) before the run fails; default 60")
     return p
@@ -318,6 +322,10 @@ def main(argv=None):
         ckpt, pretrained = read_pretrained(args.pretrained, args.allow_unfinished)
         train_set, val_set = data.open_splits(args.data, args.val_data)
         K = len(train_set.classes)
+        unlabelled = [d for d in (train_set, val_set) if (np.asarray(d.targets) < 0).any()]
+        if unlabelled:  # a folder of images outside class folders, a zip without its map, shards without .cls
+            raise ValueError(f"{data.where(unlabelled[0], int(np.argmax(np.asarray(unlabelled[0].targets) < 0)))} "
+                             f"has no label: fine-tuning needs class folders, a map file or KEY.cls members")
         if list(val_set.classes) != list(train_set.classes)[:len(val_set.classes)]:
             raise ValueError(f"the classes of --val_data {args.val_data or args.data} are not those of "
                              f"--data {args.data}")
@@ -338,7 +346,7 @@ def main(argv=None):
                               args.seed)
 
     # ---- processes and the run directory (let go however this block ends)
-    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+    with train.session(r["out_dir"], args.dist_timeout, args.tensorboard) as (run, device, rank, world):
         master = rank == 0
         dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
         print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, windows {model.cfg.window_sizes} over "
@@ -397,10 +405,10 @@ def main(argv=None):
             return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean(), {}  # soft-target CE, fp32
 
         def accuracy(step):
-            top1, top5, _ = evaluate(raw_model, val_loader, device, ctx)
+            top1, top5, n = evaluate(raw_model, val_loader, device, ctx)
             if master:
                 tqdm.write(f"epoch {step / r['epoch_steps']:g} (step {step}): top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-            return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5)
+            return dict(epoch=step / r["epoch_steps"], top1=top1, top5=top5, val_images=n)
 
         keep = dict(identity=identity, args=vars(args), pretrained=pretrained,
                     model_config=swinv2.model_config(raw_model))
@@ -416,7 +424,8 @@ def main(argv=None):
         summary = dict(kind="finetune", task=r["task"], model=args.model, epochs=r["epochs"], data=args.data,
                        pretrained=pretrained, best_top1=max(row["top1"] for row in evals),
                        best_top5=max(row["top5"] for row in evals), last_top1=evals[-1]["top1"],
-                       last_top5=evals[-1]["top5"], **run.counters())
+                       last_top5=evals[-1]["top5"], val_images=evals[-1]["val_images"],
+                       val_unreadable=len(val_stream) - evals[-1]["val_images"], **run.counters())
         run.finish(summary)
         return dict(top1=summary["last_top1"], top5=summary["last_top5"])
 

@@ -168,9 +168,11 @@ def get_parser():
     g.add_argument("--norm_target", type=train.natural, default=None,
                    help="target normalisation window in pixels, odd, 0 = off; default 47 (official; tiny 0)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/imagenet",
-                   help="folder with train/ and val/, a file list, or 'synthetic' (the CPU demo)")
+    g.add_argument("--data", default="data/imagenet", help="folder with train/ and val/ (class folders) or "
+                   "train.zip and val.zip, a folder of images, .tar shards, a file list, or 'synthetic' (the CPU demo)")
     g.add_argument("--val_data", default=None, help="validation images; default: the val split of --data")
+    g.add_argument("--val_frac", type=train.number(float, 0, 0.5, lo_open=True), default=None,
+                   help="hold out this fraction of --data for the validation loss, in (0, 0.5] (seed 0, every run)")
     g.add_argument("--frac", type=train.number(float, 0, 1, lo_open=True), default=1.0,
                    help="fraction of the training set, in (0, 1] (paper 0.1, 0.2, 0.5, 1)")
     g.add_argument("--subset_seed", type=train.natural, default=0,
@@ -209,6 +211,8 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true",
                    help="measure the validation loss of --out_dir's checkpoint, write eval.json")
+    g.add_argument("--tensorboard", action=train.TensorBoard,
+                   help="also write the log's numbers as TensorBoard events in the run directory (optional package)")
     g.add_argument("--dist_timeout", type=train.count, default=60,
                    help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
                         "default 60")
@@ -259,15 +263,16 @@ def estimate_val_loss(model, loader, device, ctx):
     image seeded by its index, and (sum, count) reduced over ranks, so a checkpoint gives the same
     number whatever the world size or micro-batch."""
     model.eval()
-    err, count = 0.0, 0.0
+    err, count, images = 0.0, 0.0, 0
     for batch in loader:
         x = data.normalize(batch.image.to(device, non_blocking=True))
+        keep = data.scored(batch, loader.dataset)  # an unreadable image is left out: its mask is emptied
         with ctx:
-            e, n = model.errors(x, batch.mask.to(device, non_blocking=True))
-        err, count = err + e.item(), count + n.item() * x.shape[1]
+            e, n = model.errors(x, (batch.mask * keep[:, None, None]).to(device, non_blocking=True))
+        err, count, images = err + e.item(), count + n.item() * x.shape[1], images + int(keep.sum())
     model.train()
-    err, count = train.all_sum(err, count, device=device)
-    return err / count
+    err, count, images = train.all_sum(err, count, images, device=device)
+    return err / count, int(images)
 
 
 @torch.no_grad()
@@ -281,7 +286,7 @@ def save_pictures(path, model, val_set, device, step, n=4):
     from PIL import Image, ImageDraw
 
     model.eval()
-    batch = data.collate([val_set[i] for i in range(n)])
+    batch = data.collate([val_set[i] for i in range(min(n, len(val_set)))])
     x, mask = data.normalize(batch.image.to(device)), batch.mask.to(device)
     pred = model.predict(x, mask).float()
     if model.norm_target:
@@ -312,8 +317,7 @@ def eval_only(run, model, args, val_loader, device, ctx, master):
     """--eval_only: the validation loss of the run directory's checkpoint, written to eval.json. A
     measurement: no lock is taken and nothing else is written."""
     ckpt = train.load_for_eval(run.ckpt, model, model.encoder, args.model, master)
-    val_loss = estimate_val_loss(model, val_loader, device, ctx)
-    images = len(val_loader.dataset)
+    val_loss, images = estimate_val_loss(model, val_loader, device, ctx)
     print0(f"step {ckpt['step']}: val_loss {val_loss:.4f} on {images} images -> {run.file('eval.json')}")
     if master:
         train.save_json(run.file("eval.json"), dict(step=ckpt["step"], val_loss=val_loss, val_images=images))
@@ -326,7 +330,7 @@ def main(argv=None):
     train.warn_cpu(args.model)
     try:
         r = resolve(args, int(os.environ.get("WORLD_SIZE", 1)))
-        train_set, val_set = data.open_splits(args.data, args.val_data)
+        train_set, val_set = data.open_splits(args.data, args.val_data, args.val_frac)
         subset = data.subset_indices(len(train_set), args.frac, args.subset_seed)
         val_idx = np.sort(np.random.default_rng(0).permutation(len(val_set))[: args.val_images])  # fixed for all runs
         data.check_readable(train_set, subset, f"--data {args.data}")
@@ -344,7 +348,7 @@ def main(argv=None):
     r.update(clip_grad=args.clip_grad, seed=args.seed, epoch_steps=n_train / B)
 
     # ---- processes and the run directory (let go however this block ends)
-    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+    with train.session(r["out_dir"], args.dist_timeout, args.tensorboard) as (run, device, rank, world):
         master = rank == 0
         dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
         print0(f"{'model':>14} SwinV2-{args.model}, {r['img_size']} px, window {r['window']}, "
@@ -380,6 +384,7 @@ def main(argv=None):
             return done["val_loss"]
         if master:
             data.write_manifest(run.file("subset.txt"), train_set.names, subset)
+            data.write_manifest(run.file("val.txt"), val_set.names, val_idx)  # the images of the validation loss
             train.save_json(run.file("args.json"), dict(vars(args), identity=identity, world_size=world,
                                                         micro_batch=r["micro_batch"], accum=r["accum"],
                                                         peak_lr=r["peak_lr"], warmup_iters=r["warmup_iters"],
@@ -403,9 +408,9 @@ def main(argv=None):
         history = [row["val_loss"] for _, row in run.rows() if "val_loss" in row] if master else []
 
         def evaluate(step):
-            val_loss = estimate_val_loss(raw_model, val_loader, device, ctx)
+            val_loss, images = estimate_val_loss(raw_model, val_loader, device, ctx)
             if not master:
-                return dict(val_loss=val_loss)
+                return dict(val_loss=val_loss, val_images=images)
             tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
             save_pictures(run.file(f"recon_{step:07d}.png"), raw_model, val_stream, device, step)
             history.append(val_loss)
@@ -413,8 +418,8 @@ def main(argv=None):
                 tqdm.write(f"warning: val_loss rose at two evaluations in a row "
                            f"({' -> '.join(f'{v:.4f}' for v in history[-3:])}): "
                            f"SwinV2-{args.model} may be overfitting its {n_train} images")
-                return dict(val_loss=val_loss, overfitting=True)
-            return dict(val_loss=val_loss)
+                return dict(val_loss=val_loss, val_images=images, overfitting=True)
+            return dict(val_loss=val_loss, val_images=images)
 
         def lr_at(step, scale):
             lr = train.get_lr(step, r["peak_lr"], r["start_lr"], r["warmup_iters"], r["iters"], r["milestone"])
@@ -432,7 +437,8 @@ def main(argv=None):
         last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
         summary = dict(kind="pretrain", model=args.model, data=os.path.basename(args.data.rstrip("/")), frac=args.frac,
                        iters=r["iters"], subset_size=n_train, subset_hash=subset_hash, step=r["iters"],
-                       train_loss=last("train_loss"), val_loss=last("val_loss"), **run.counters())
+                       train_loss=last("train_loss"), val_loss=last("val_loss"), val_images=last("val_images"),
+                       val_unreadable=len(val_stream) - last("val_images"), **run.counters())
         run.finish(summary)
         return summary["val_loss"]
 

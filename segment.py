@@ -427,9 +427,8 @@ def evaluate(model, loader, num_classes, crop, stride, batch, device, ctx):
     areas, n = torch.zeros(3, num_classes, dtype=torch.float64), 0
     for one in loader:  # one image per batch
         x, y = one.image, one.target  # (1, 3, h, w) resized for the model, (1, H, W) original labels
-        if one.bad.item():  # data.EvalSet replaced it by the next readable image: say which, and why
-            tqdm.write(f"unreadable evaluation image {data.failure(loader.dataset.dataset, one.pos.item())}: "
-                       f"scored the next one instead")
+        if not data.scored(one, loader.dataset).item():  # an unreadable image is left out and counted
+            continue
         with ctx:
             logits = slide_logits(lambda w: predict(model, w), x[0].to(device, non_blocking=True), crop, stride, batch)
         pred = resize_to(logits[None], y).argmax(1)[0].cpu()  # (H, W), the logits resized to the original size
@@ -583,6 +582,8 @@ def get_parser():
                    help="autocast dtype; auto = bf16 on CUDA (the recipe), fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_only", action="store_true", help="evaluate --out_dir's checkpoint, write eval.json")
+    g.add_argument("--tensorboard", action=train.TensorBoard,
+                   help="also write the log's numbers as TensorBoard events in the run directory (optional package)")
     g.add_argument("--dist_timeout", type=train.count, default=60,
                    help="minutes a process waits for the others (rank 0 evaluating alone) before the run fails; "
                    "default 60")
@@ -670,7 +671,7 @@ def main(argv=None):
     stream = data.TrainStream(train_set, np.arange(N), TrainTransform(r["crop"], r["scale"]), args.seed)
 
     # ---- processes and the run directory (let go however this block ends)
-    with train.session(r["out_dir"], args.dist_timeout) as (run, device, rank, world):
+    with train.session(r["out_dir"], args.dist_timeout, args.tensorboard) as (run, device, rank, world):
         master = rank == 0
         dtype, ctx, workers = train.device_setup(device, args.dtype, args.workers)
         print0(f"{'model':>14} SwinV2-{args.model} + UPerNet ({r['channels']} channels), {r['crop']} px crops, windows "
@@ -750,7 +751,8 @@ def main(argv=None):
         evals = [row for _, row in run.rows() if "miou" in row]
         summary = dict(kind="segment", task=r["task"], model=args.model, iters=r["iters"], data=args.data,
                        pretrained=pretrained, metrics=dict(miou=evals[-1]["miou"], pixel_acc=evals[-1]["pixel_acc"]),
-                       val_images=len(val_stream), **run.counters())
+                       val_images=evals[-1]["images"], val_unreadable=len(val_stream) - evals[-1]["images"],
+                       **run.counters())
         run.finish(summary)
         return summary["metrics"]
 

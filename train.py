@@ -52,16 +52,16 @@ import swinv2
 
 
 @contextlib.contextmanager
-def session(out_dir, timeout_min=60):
+def session(out_dir, timeout_min=60, tensorboard=False):
     """Join torchrun's processes and open the run directory, for the `with` block of a script's main:
 
         with train.session(out_dir, args.dist_timeout) as (run, device, rank, world):
 
     However the block ends (it returns, raises, or a signal ends it through sys.exit), the directory's
     lock and the process group are let go, so a rerun or the next test finds them free. timeout_min
-    bounds every collective (see setup_distributed)."""
+    bounds every collective (see setup_distributed); tensorboard: see RunDir.events."""
     rank, _, world, device = setup_distributed(timeout_min)
-    run = RunDir(out_dir, rank == 0)
+    run = RunDir(out_dir, rank == 0, tensorboard)
     try:
         yield run, device, rank, world
     finally:
@@ -407,12 +407,14 @@ class RunDir:
     - Files are written atomically (temp file + rename), except log.jsonl, which is appended row by row
       and, on resume, cut back to the rows the checkpoint covers (it records their number): the rows
       after them were written by the interrupted run and are written again, identically, by the resumed one.
-    - A checkpoint records the identity of its run (identity_of); a run with another identity is refused."""
+    - A checkpoint records the identity of its run (identity_of); a run with another identity is refused.
+    - With --tensorboard, the scalars of log.jsonl are also TensorBoard events in the folder (see events)."""
 
-    def __init__(self, path, master):
+    def __init__(self, path, master, tensorboard=False):
         self.path, self.master, self.lock = path, master, None
         self.ckpt = self.file("ckpt.pt")
         self.logged = 0  # rows in log.jsonl: a checkpoint records how many it covers
+        self.tensorboard, self.writer = tensorboard, None
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -450,6 +452,9 @@ class RunDir:
 
     def release(self, clear=True):
         """Let the lock go (closing the file releases it); the file no longer names this process."""
+        if self.writer:
+            self.writer.close()
+            self.writer = None
         if self.lock:
             if clear:
                 self.lock.truncate(0)
@@ -468,11 +473,15 @@ class RunDir:
             return loop, json.load(open(self.file("summary.json")))
         if loop["step"]:
             print0(f"resumed from {self.ckpt} at step {loop['step']}")
+        if self.tensorboard and master:
+            self.events()
         print0(f"{'run directory':>14} {self.path}: log.jsonl, ckpt.pt, summary.json at the end")
         return loop, None
 
     def finish(self, summary):
         """Write summary.json, the sign that the run is complete, and say where the run's files are (rank 0)."""
+        if self.writer:
+            self.writer.flush()
         save_json(self.file("summary.json"), summary)
         print0(f"done: {self.file('summary.json')} (log.jsonl and ckpt.pt beside it)")
 
@@ -530,6 +539,29 @@ class RunDir:
             with open(self.file("log.jsonl"), "a") as f:
                 f.write(json.dumps(finite(row)) + "\n")
             self.logged += 1
+            if self.writer:
+                self.scalars(row)
+                self.writer.flush()  # a row every log_every steps: cheap, and a watcher sees it now
+
+    def events(self):
+        """--tensorboard: TensorBoard event files in the run directory, made from log.jsonl, the record. At
+        every start the old event files are deleted and the log's rows (cut back to the checkpoint) written
+        again, so a resumed run has each step once and in order, however the last one was killed; purge_step=0
+        tells a TensorBoard that is watching to drop what it had read. Then every new row is written as it
+        is logged. `tensorboard --logdir study/` shows each run directory as one run."""
+        from torch.utils.tensorboard import SummaryWriter  # optional: the flag checked that it imports
+        for old in glob.glob(self.file("events.out.tfevents.*")):
+            os.remove(old)
+        self.writer = SummaryWriter(self.path, purge_step=0)
+        for _, row in self.rows():
+            self.scalars(row)
+        self.writer.flush()
+
+    def scalars(self, row):
+        """A log row's numbers as scalars at its step, tagged with their log.jsonl keys (val_loss, top1, lr)."""
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, row["step"])
 
     def save(self, raw_model, optimizer, step, **meta):
         """Rank 0 writes ckpt.pt: a plain dict, loadable with torch.load(weights_only=True): model (unwrapped,
@@ -555,7 +587,7 @@ def vars_of(identity):
 # Each script adds its own (e.g. its evaluation subset) and passes the set to identity_of.
 # The data is identified by its content (size and hash), so its path may change between jobs.
 FREE = {"micro_batch", "workers", "compile", "grad_ckpt", "eval_every", "log_every", "save_every", "out_dir",
-        "eval_only", "dist_timeout", "data", "val_data"}
+        "eval_only", "dist_timeout", "data", "val_data", "tensorboard"}
 
 
 def identity_of(args, r, free, **content):
@@ -693,6 +725,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class TensorBoard(argparse.Action):
+    """--tensorboard (see RunDir.events). TensorBoard is an optional dependency: a missing package is
+    refused here, when the flag is parsed, before any work."""
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            import torch.utils.tensorboard  # noqa: F401 (imports the tensorboard package)
+        except ImportError:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+        setattr(namespace, self.dest, True)
 
 
 def number(kind, lo, hi=None, lo_open=False, hi_open=False):

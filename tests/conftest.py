@@ -1,12 +1,15 @@
 """Shared pytest setup: tests run on CPU, from the repository root, deterministically."""
 import os
 import sys
+import tempfile
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project is flat files at the root, not a package
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# archive indexes (data.index_cache) go to a folder of this test session, not to ~/.cache
+os.environ["SIMMIM_INDEX_CACHE"] = tempfile.mkdtemp(prefix="simmim-index-")
 
 
 def write_inat18(root, n_train=12, n_val=6):

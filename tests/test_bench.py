@@ -302,3 +302,17 @@ def test_data_mode_removes_its_temporary_jpegs(tmp_path, monkeypatch, capsys):
     assert set(rates) == {"plain", "plain uint8", "ours"} and all(r > 0 for r in rates.values())
     assert os.listdir(tmp_path) == []
     assert capsys.readouterr().out.count("img per CPU-second") == 1
+
+
+def test_archives_mode_measures_each_layout_and_removes_its_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("SIMMIM_INDEX_CACHE", "")  # bench points it into its own temporary folder
+    rows = bench.main(["--what", "archives", "--members", "300", "--jpegs", "30", "--images", "4"])
+    assert set(rows) == {"index zip", "index tar", "read"} and set(rows["read"]) == {"loose", "zip", "tar"}
+    for layout in ("zip", "tar"):
+        row = rows[f"index {layout}"]
+        assert 30 <= row["bytes_per_image"] <= 60 and row["name_bytes"] > 10 and len(row["worker_private_mb"]) == 2
+    assert all(rate > 0 for rate in rows["read"].values())
+    assert os.listdir(tmp_path) == []
+    out = capsys.readouterr().out
+    assert out.count("index ") == 2 and "img per CPU-second of one thread: loose" in out

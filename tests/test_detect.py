@@ -373,6 +373,18 @@ def test_perfect_predictions_score_100_and_shifted_boxes_less(coco):
     assert evaluate_fixture(nothing, coco)["box_ap"] == evaluate_fixture(nothing, coco)["mask_ap"] == 0
 
 
+def test_an_unreadable_evaluation_image_is_left_out_and_counted_never_replaced(coco, tmp_path, capsys):
+    """COCOeval scores the images that could be read, each under its own id: the broken one's objects are
+    neither misses nor matched against another image's predictions."""
+    shutil.copytree(coco, tmp_path / "coco")
+    val_set = detect.open_coco(str(tmp_path / "coco"), "val")
+    with open(os.path.join(val_set.root, val_set.names[0]), "wb") as f:
+        f.write(b"not a JPEG")
+    metrics = evaluate_fixture(FakeDetector(coco), tmp_path / "coco")
+    assert metrics["images"] == len(val_set) - 1 and metrics["box_ap"] == metrics["mask_ap"] == pytest.approx(100)
+    assert f"unreadable evaluation image {os.path.join(val_set.root, val_set.names[0])}" in capsys.readouterr().err
+
+
 def test_bf16_stops_at_the_fpn_so_boxes_are_decoded_in_float32():
     model = detect.Detector(swinv2.create("nano", img_size=128, window_size=4, pyramid=True), 3, 128, channels=32, rois=16)
     model.backbone.autocast = train.autocast(torch.device("cpu"), torch.bfloat16)

@@ -183,10 +183,11 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("micro_batch", [4, 2], ids=["2x1_vs_1x2", "2x2_vs_1x4"])
+@pytest.mark.parametrize("micro_batch", [2], ids=["2x2_vs_1x4"])
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, micro_batch):
-    """Global batch 8 in micro-batches of 4: 2 processes x 1 micro-step vs 1 process x 2; of 2: 2 processes
-    x 2 micro-steps (DDP's no_sync on the first, the all-reduce on the last) vs 1 process x 4."""
+    """Global batch 8 in micro-batches of 2: 2 processes x 2 micro-steps (DDP's no_sync on the first, the
+    all-reduce on the last) vs 1 process x 4. (2 processes x 1 micro-step vs 1 process x 2 is
+    tests/test_archives.py's, on the zip layout.)"""
     args = TINY + ["--iters", "3", "--drop_path", "0.1", "--micro_batch", str(micro_batch)]
     mim.main(args + ["--out_dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -228,7 +229,7 @@ def test_a_paper_size_on_a_cpu_is_announced_before_any_work(tmp_path, capsys, mo
 def test_a_validation_loss_rising_twice_in_a_row_is_logged_as_overfitting(tmp_path, monkeypatch, capsys):
     assert mim.overfitting([0.6, 0.5, 0.55, 0.58]) and not mim.overfitting([0.6, 0.5, 0.55]) and not mim.overfitting([0.5, 0.6, 0.6])
     losses = iter([0.50, 0.52, 0.51, 0.53, 0.55])  # rises at the 2nd and the 5th evaluation: twice in a row only at the 5th
-    monkeypatch.setattr(mim, "estimate_val_loss", lambda *a: next(losses))
+    monkeypatch.setattr(mim, "estimate_val_loss", lambda *a: (next(losses), 4))
     mim.main(TINY + ["--iters", "5", "--eval_every", "1", "--log_every", "5", "--out_dir", str(tmp_path / "run")])
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r.get("overfitting", False) for r in rows if "val_loss" in r] == [False, False, False, False, True]

@@ -362,13 +362,13 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
 # fails this test.
 FREE_KNOBS = {
     "mim": {"compile", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every", "micro_batch", "out_dir",
-            "save_every", "val_data", "workers"},
+            "save_every", "tensorboard", "val_data", "workers"},
     "finetune": {"allow_unfinished", "compile", "data", "dist_timeout", "eval_only", "grad_ckpt", "log_every", "micro_batch",
-                 "out_dir", "val_data", "val_images", "workers"},
+                 "out_dir", "tensorboard", "val_data", "val_images", "workers"},
     "detect": {"allow_unfinished", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every", "micro_batch",
-               "out_dir", "save_every", "val_images", "workers"},
+               "out_dir", "save_every", "tensorboard", "val_images", "workers"},
     "segment": {"allow_unfinished", "compile", "data", "dist_timeout", "eval_every", "eval_only", "grad_ckpt", "log_every",
-                "micro_batch", "out_dir", "save_every", "stride", "val_images", "workers"},
+                "micro_batch", "out_dir", "save_every", "stride", "tensorboard", "val_images", "workers"},
 }
 
 
@@ -380,3 +380,43 @@ def test_each_script_names_its_free_knobs_and_every_other_flag_is_its_identity(n
     args = module.get_parser().parse_args(["--model", "tiny"] + ([] if name == "mim" else ["--pretrained", "none"]))
     identity = train.identity_of(args, module.resolve(args, 1), module.FREE)
     assert flags - FREE_KNOBS[name] <= set(identity) and not FREE_KNOBS[name] & set(identity)
+
+
+def events(run_dir):
+    """(tag, step, value) of every scalar in the folder's TensorBoard event files, in file order: read from
+    the TFRecord bytes (length, CRC, Event proto, CRC) so that a duplicate cannot hide."""
+    import glob
+    import struct
+    from tensorboard.compat.proto import event_pb2
+    out = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        raw, i = open(path, "rb").read(), 0
+        while i < len(raw):
+            n = struct.unpack("<Q", raw[i:i + 8])[0]
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_events_of_a_killed_and_resumed_run_have_each_step_once(straight, tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install -r requirements-test.txt")
+    killed("after_log_row", 5, PRE + ["--tensorboard"], tmp_path / "run")  # the step-8 row is written
+    assert max(step for _, step, _ in events(tmp_path / "run")) == 8  # past the checkpoint (step 5)
+    run(PRE + ["--tensorboard"], tmp_path / "run")
+    assert_same_run(straight / "pre", tmp_path / "run")  # --tensorboard changes nothing a run computes
+    logged = [(k, row["step"], v) for row in map(json.loads, open(tmp_path / "run" / "log.jsonl"))
+              for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    seen = events(tmp_path / "run")
+    assert [(k, s) for k, s, _ in seen] == [(k, s) for k, s, _ in logged]  # each step once, in order
+    assert len(set((k, s) for k, s, _ in seen)) == len(seen) and {"train_loss", "val_loss", "lr"} <= {k for k, _, _ in seen}
+    assert all(abs(a[2] - b[2]) <= 1e-6 * max(1, abs(b[2])) for a, b in zip(seen, logged))
+
+
+def test_tensorboard_without_its_package_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what a missing package gives
+    for module in (mim, finetune):
+        with pytest.raises(SystemExit):
+            module.get_parser().parse_args(["--tensorboard"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--tensorboard needs the tensorboard package: pip install tensorboard" in err

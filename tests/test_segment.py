@@ -261,14 +261,14 @@ def test_a_label_map_of_another_size_or_with_no_class_is_named_with_the_reason(t
     with pytest.raises(ValueError, match=rf"label map {png} is {good.width - 3}x{good.height} but its image \S+ is {good.width}x{good.height}"):
         val.open(0)[0].load()
     assert f"label map {png} is" in data.failure(val, 0)  # the training process's warning names the label file
-    # evaluation scores the next image instead, and says which one it could not read, and why
+    # evaluation leaves it out (never scores another image in its place), and says which one, and why
     stream = data.EvalSet(val, [0, 1], segment.EvalTransform((96, 64)))
     loader = data.make_loader(stream, 1, sampler=data.shard(2, 0, 1), workers=0)
     args = segment.get_parser().parse_args(SEG[1:])
     model = segment.build_model(args, segment.resolve(args, 1), None, 150)[0]
     capsys.readouterr()
     *_, n = segment.evaluate(model, loader, 150, 64, 42, 8, torch.device("cpu"), contextlib.nullcontext())
-    assert n == 2 and f"unreadable evaluation image {tmp_path / val.names[0]} (ValueError: label map {png} is" in capsys.readouterr().out
+    assert n == 1 and f"unreadable evaluation image {tmp_path / val.names[0]} (ValueError: label map {png} is" in capsys.readouterr().err
     labels = np.asarray(good).copy()
     labels[0, 0] = 200  # neither a class (1..150 stored) nor ignored (0, 255): mIoU's counts have no room for it
     Image.fromarray(labels).save(png)
