@@ -434,7 +434,8 @@ def submit_script(jobs):
     """Submits every job in order, a fine-tune with --dependency=afterok on its pre-training's job id. A run that
     is complete is skipped (its fine-tunes then wait for nothing), so rerunning it submits what is missing."""
     lines = ["#!/bin/bash",
-             "# Submits the grid: pre-trainings, then fine-tunes that wait for theirs (afterok). Complete runs",
+             "# Submits these jobs in order; a fine-tune whose pre-training is submitted here waits for it (afterok),",
+             "# one whose pre-training is not here (launch --finetune_top) starts at once. Complete runs",
              "# (summary.json) are skipped, so rerun it after a failure; jobs still queued would be submitted twice:",
              "# look at squeue first (the second would stop at the run directory's lock).",
              "set -euo pipefail", 'cd "$(dirname "$0")/jobs"', "declare -A id",
