@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from data import IMG_EXTS, MAX_CLASSES, Names, read_file_list
+from data import IMG_EXTS, MAX_CLASSES, Names, classes_of, read_file_list
 
 ZIP_LOCAL = struct.Struct("<4s22xHH")  # a zip member's local header: signature, ..., name length, extra length
 TAR, ZIP_STORED, ZIP_DEFLATED = -1, zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED  # how a member's bytes are kept
@@ -138,20 +138,21 @@ def read_zip(path):
             raise ValueError(f"{path}: not a readable zip archive ({e}); a truncated copy loses its directory, "
                              f"which is at the end") from None
         if len(files) == 1:
-            wanted = sorted(n for n in members if n.lower().endswith(IMG_EXTS))
-            labels = [-1] * len(wanted)
+            names = Names.from_list(sorted(n for n in members if n.lower().endswith(IMG_EXTS)))
+            labels = np.full(len(names), -1, np.int64)
         else:
-            lines = read_file_list(map_path)
-            wanted, labels = list(lines.names), lines.targets
-            missing = next((k for k, n in enumerate(wanted) if n not in members), None)
-            if missing is not None:
-                raise ValueError(f"{map_path}: line {missing + 1} names {wanted[missing]!r}, which is not in {path}")
+            lines = read_file_list(map_path)  # its names are packed already, as the index keeps them
+            names, labels = lines.names, lines.targets
+        wanted = list(names)
+        missing = next((k for k, n in enumerate(wanted) if n not in members), None)
+        if missing is not None:
+            raise ValueError(f"{map_path}: line {missing + 1} names {wanted[missing]!r}, which is not in {path}")
         infos = [members[n] for n in wanted]
         bad = next((z for z in infos if z.compress_type not in (ZIP_STORED, ZIP_DEFLATED)), None)
         if bad is not None:
             raise ValueError(f"{path}: member {bad.filename} uses compression method {bad.compress_type}; "
                              f"store images (zip -0) or deflate them")
-        return dict(packed(Names.from_list(wanted)), labels=np.asarray(labels, np.int64),
+        return dict(packed(names), labels=labels,
                     start=np.array([z.header_offset for z in infos], np.int64),
                     size=np.array([z.compress_size for z in infos], np.int64),
                     method=np.array([z.compress_type for z in infos], np.int8))
@@ -171,10 +172,6 @@ def utf8_name(info):
         return info.filename.encode("cp437").decode("utf-8")
     except UnicodeError:
         return info.filename
-
-
-def classes_of(labels):
-    return [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
 
 
 def shard_paths(pattern):

@@ -571,8 +571,13 @@ def read_file_list(path):
             ends.append(len(blob))
             labels.append(label)
     names = Names(np.frombuffer(blob, np.uint8), np.frombuffer(ends, np.int64))  # views, no copies
-    classes = [str(k) for k in range(max(labels, default=-1) + 1)]
-    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, np.frombuffer(labels, np.int64), classes)
+    labels = np.frombuffer(labels, np.int64)
+    return ImageFiles(os.path.dirname(os.path.abspath(path)), names, labels, classes_of(labels))
+
+
+def classes_of(labels):
+    """The classes of integer labels 0..K-1 (a file list's, a zip map's, tar shards' .cls): '0' .. 'K-1'."""
+    return [str(k) for k in range(int(np.max(labels, initial=-1)) + 1)]
 
 
 def read_coco_json(path):
